@@ -1,0 +1,212 @@
+"""Configuration: the seed's GPTConfig and TrainingConfig, named presets, and how a run's config is resolved.
+
+Dataclasses are the single source of truth. A run's config is resolved as
+    defaults < preset < config file (JSON or TOML) < command-line overrides
+and an unknown key at any level is an error. The resolved `Config` is one object: it is logged at start,
+written next to the run and stored in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class GPTConfig:
+    """Shape of the model. Defaults are the seed's (GPT-2 124M shapes, untied head, no qkv bias)."""
+
+    vocab_size: int = field(default=50257, metadata=_help("vocabulary size (GPT-2 BPE: 50257)"))
+    context_length: int = field(default=1024, metadata=_help("maximum sequence length (learned positions)"))
+    emb_dim: int = field(default=768, metadata=_help("embedding width"))
+    n_heads: int = field(default=12, metadata=_help("attention heads per layer"))
+    n_layers: int = field(default=12, metadata=_help("transformer blocks"))
+    drop_rate: float = field(default=0.1, metadata=_help("dropout on embeddings, attention and residuals"))
+    qkv_bias: bool = field(default=False, metadata=_help("bias on the query/key/value projection"))
+    weight_tying: bool = field(default=False, metadata=_help("share the token embedding with the LM head"))
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
+            _require_positive_int(self, name)
+        if self.emb_dim % self.n_heads != 0:
+            raise ValueError(
+                f"emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads}); "
+                f"change one of them, e.g. emb_dim={self.n_heads * max(1, round(self.emb_dim / self.n_heads))}"
+            )
+        _require_number(self, "drop_rate")
+        if not 0.0 <= self.drop_rate < 1.0:
+            raise ValueError(f"drop_rate ({self.drop_rate}) must be in [0, 1); use 0.0 to turn dropout off")
+        for name in ("qkv_bias", "weight_tying"):
+            _require_bool(self, name)
+
+    @property
+    def head_dim(self) -> int:
+        return self.emb_dim // self.n_heads
+
+
+@dataclass
+class TrainingConfig:
+    """Optimisation and sampling settings. Defaults are the seed's (GPT-3 small schedule, as in build-nanogpt)."""
+
+    max_steps: int = field(default=19073, metadata=_help("optimizer steps in the whole run"))
+    warmup_steps: int = field(default=715, metadata=_help("linear learning-rate warm-up steps"))
+    max_lr: float = field(default=6e-4, metadata=_help("peak learning rate, reached after warm-up"))
+    min_lr: float = field(default=6e-5, metadata=_help("final learning rate of the cosine decay"))
+    weight_decay: float = field(default=0.1, metadata=_help("AdamW weight decay on matrices"))
+    batch_size: int = field(default=2, metadata=_help("micro-batch size in sequences"))
+    max_new_token: int = field(default=50, metadata=_help("tokens generated per sample"))
+    temperature: float = field(default=1.0, metadata=_help("sampling temperature (0 = greedy)"))
+    k_top: int = field(default=50, metadata=_help("top-k sampling (0 = no top-k filter)"))
+    save_path: str = field(default=".", metadata=_help("folder of the run; checkpoints go to SAVE_PATH/ckpt"))
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "max_new_token"):
+            _require_positive_int(self, name)
+        for name in ("warmup_steps", "k_top"):
+            _require_int(self, name)
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} ({getattr(self, name)}) must be >= 0")
+        if self.warmup_steps > self.max_steps:
+            raise ValueError(
+                f"warmup_steps ({self.warmup_steps}) must not exceed max_steps ({self.max_steps}); "
+                "lower warmup_steps or raise max_steps"
+            )
+        for name in ("max_lr", "min_lr", "weight_decay", "temperature"):
+            _require_number(self, name)
+        if self.max_lr <= 0:
+            raise ValueError(f"max_lr ({self.max_lr}) must be > 0")
+        if not 0 <= self.min_lr <= self.max_lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must be in [0, max_lr={self.max_lr}]")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay ({self.weight_decay}) must be >= 0")
+        if self.temperature < 0:
+            raise ValueError(f"temperature ({self.temperature}) must be >= 0 (0 means greedy)")
+        if not isinstance(self.save_path, str) or not self.save_path:
+            raise ValueError(f"save_path ({self.save_path!r}) must be a non-empty path")
+
+
+@dataclass
+class Config:
+    """One run's resolved configuration: the model's shape and how it is trained."""
+
+    model: GPTConfig = field(default_factory=GPTConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Config:
+        """Build from `{"model": {...}, "training": {...}}`; unknown sections or keys are errors."""
+        return merge(cls(), data, source="config")
+
+
+SECTIONS: dict[str, type] = {"model": GPTConfig, "training": TrainingConfig}
+
+# OpenAI's released shapes: their checkpoints have qkv bias and a tied LM head.
+_OPENAI = {"vocab_size": 50257, "context_length": 1024, "qkv_bias": True, "weight_tying": True}
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "gpt2": {"model": {**_OPENAI, "n_layers": 12, "n_heads": 12, "emb_dim": 768}},
+    "gpt2-medium": {"model": {**_OPENAI, "n_layers": 24, "n_heads": 16, "emb_dim": 1024}},
+    "gpt2-large": {"model": {**_OPENAI, "n_layers": 36, "n_heads": 20, "emb_dim": 1280}},
+    "gpt2-xl": {"model": {**_OPENAI, "n_layers": 48, "n_heads": 25, "emb_dim": 1600}},
+    # Small shapes for CPU work. `tiny` trains in seconds (for checks); `mini` and `small` learn real text.
+    "tiny": {"model": {"n_layers": 2, "n_heads": 2, "emb_dim": 64, "context_length": 64, "drop_rate": 0.0}},
+    "mini": {"model": {"n_layers": 4, "n_heads": 4, "emb_dim": 128, "context_length": 128, "drop_rate": 0.0}},
+    "small": {"model": {"n_layers": 6, "n_heads": 6, "emb_dim": 384, "context_length": 256, "drop_rate": 0.1}},
+}
+
+
+def merge(config: Config, data: dict[str, Any], source: str) -> Config:
+    """Return `config` with the values in `data` (`{section: {key: value}}`) applied and validated."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: expected a mapping of sections {sorted(SECTIONS)}, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"{source}: unknown section(s) {unknown}; known sections are {sorted(SECTIONS)}")
+    sections = {}
+    for name, cls in SECTIONS.items():
+        current = dataclasses.asdict(getattr(config, name))
+        updates = data.get(name, {})
+        if not isinstance(updates, dict):
+            raise ValueError(f"{source}: section '{name}' must be a mapping, got {type(updates).__name__}")
+        unknown = sorted(set(updates) - set(current))
+        if unknown:
+            raise ValueError(f"{source}: unknown key(s) {unknown} in section '{name}'; known keys: {sorted(current)}")
+        sections[name] = cls(**{**current, **_coerce(cls, updates)})
+    return Config(**sections)
+
+
+def _coerce(cls: type, updates: dict[str, Any]) -> dict[str, Any]:
+    """Accept ints where floats are expected (JSON/TOML write 1 for 1.0)."""
+    types = {f.name: f.type for f in dataclasses.fields(cls)}
+    return {
+        key: float(value) if types[key] == "float" and type(value) is int else value for key, value in updates.items()
+    }
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a JSON or TOML config file into `{section: {key: value}}` (not yet validated)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".toml":
+            return tomllib.loads(text)
+        if path.suffix == ".json":
+            return json.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"config file {path} is not valid {path.suffix[1:].upper()}: {error}") from None
+    raise ValueError(f"config file {path} must end in .json or .toml")
+
+
+def resolve_config(
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: dict[str, dict[str, Any]] | None = None,
+) -> Config:
+    """defaults < preset < config file < overrides, each layer validated as it is applied."""
+    config = Config()
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")
+        config = merge(config, PRESETS[preset], source=f"preset {preset}")
+    if config_file is not None:
+        config = merge(config, load_config_file(config_file), source=str(config_file))
+    if overrides:
+        config = merge(config, overrides, source="command line")
+    return config
+
+
+def _require_int(obj: Any, name: str) -> None:
+    value = getattr(obj, name)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{name} ({value!r}) must be an integer")
+
+
+def _require_positive_int(obj: Any, name: str) -> None:
+    _require_int(obj, name)
+    if getattr(obj, name) <= 0:
+        raise ValueError(f"{name} ({getattr(obj, name)}) must be a positive integer")
+
+
+def _require_number(obj: Any, name: str) -> None:
+    value = getattr(obj, name)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{name} ({value!r}) must be a finite number")
+
+
+def _require_bool(obj: Any, name: str) -> None:
+    value = getattr(obj, name)
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} ({value!r}) must be true or false")

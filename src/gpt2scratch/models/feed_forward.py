@@ -1,0 +1,19 @@
+"""The position-wise MLP of a GPT-2 block: C -> 4C -> GELU -> C."""
+
+import torch
+from torch import nn
+
+from gpt2scratch.config import GPTConfig
+from gpt2scratch.models.gelu import GELU
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.emb_dim, 4 * config.emb_dim)
+        self.act = GELU()
+        self.c_proj = nn.Linear(4 * config.emb_dim, config.emb_dim)  # residual projection: scaled init in gpt.py
+        self.dropout = nn.Dropout(config.drop_rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))

@@ -1,0 +1,117 @@
+"""The GPT-2 language model: token + learned position embeddings, n_layers pre-LN blocks, final LayerNorm, LM head.
+
+Attribute names are those of the GPT-2 checkpoints (`transformer.wte`, `transformer.h.0.attn.c_attn`, ...,
+`lm_head`), so converting to and from Hugging Face is a transpose of four matrices, not a renaming.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gpt2scratch.config import GPTConfig
+from gpt2scratch.models.layer_norm import LayerNorm
+from gpt2scratch.models.multi_head_self_attention import KVCache
+from gpt2scratch.models.transformer_block import TransformerBlock
+
+INIT_STD = 0.02  # GPT-2's initializer_range
+IGNORE_INDEX = -100  # targets equal to this do not count in the loss (PyTorch's and HF's convention)
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig, attn_impl: str = "sdpa"):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.emb_dim),
+                wpe=nn.Embedding(config.context_length, config.emb_dim),  # learned positions, trained from scratch
+                drop=nn.Dropout(config.drop_rate),
+                h=nn.ModuleList(TransformerBlock(config, attn_impl) for _ in range(config.n_layers)),
+                ln_f=LayerNorm(config.emb_dim),
+            )
+        )
+        self.lm_head = nn.Linear(config.emb_dim, config.vocab_size, bias=False)  # GPT-2: no bias on the LM head
+        self.apply(self._init_weights)
+        # GPT-2 scales the init of the projections that write into the residual stream by 1/sqrt(2 * n_layers):
+        # two such writes (attention, MLP) per block, so the stream's variance does not grow with depth.
+        residual_std = INIT_STD / math.sqrt(2 * config.n_layers)
+        for block in self.transformer.h:
+            nn.init.normal_(block.attn.c_proj.weight, mean=0.0, std=residual_std)
+            nn.init.normal_(block.mlp.c_proj.weight, mean=0.0, std=residual_std)
+        if config.weight_tying:
+            self.lm_head.weight = self.transformer.wte.weight
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        # Normal(0, 0.02) for every matrix and both embeddings (not PyTorch's uniform defaults); zero biases.
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        caches: list[KVCache] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx: (B, T) token ids -> (logits (B, T, vocab_size), mean cross-entropy over targets or None).
+
+        targets: (B, T), already shifted (targets[:, t] is the token after idx[:, t]); IGNORE_INDEX is skipped.
+        caches: one KVCache per layer for incremental decoding; positions continue after what they hold.
+        """
+        past = caches[0].length if caches else 0
+        if not torch.compiler.is_compiling():
+            self._check_input(idx, past)
+        B, T = idx.size()
+        pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cache=caches[i] if caches else None)
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)  # (B, T, vocab_size)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(
+                logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX
+            )
+        return logits, loss
+
+    def _check_input(self, idx: torch.Tensor, past: int) -> None:
+        if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
+            raise ValueError(
+                f"idx must be a (batch, time) tensor of integer token ids, got {tuple(idx.shape)} {idx.dtype}"
+            )
+        T = idx.size(1)
+        if past + T > self.config.context_length:
+            raise ValueError(
+                f"sequence of {past + T} tokens is longer than the context length ({self.config.context_length}); "
+                "crop the input to its last context_length tokens"
+            )
+        if idx.numel() == 0:
+            return
+        low, high = int(idx.min()), int(idx.max())
+        if low < 0 or high >= self.config.vocab_size:
+            raise ValueError(
+                f"token ids must be in [0, {self.config.vocab_size}), got values in [{low}, {high}]; "
+                "was the text encoded with a different tokenizer than the model's?"
+            )
+
+    def new_kv_caches(self, batch_size: int, max_len: int | None = None) -> list[KVCache]:
+        """Empty per-layer caches for incremental decoding, in the model's device and dtype."""
+        c = self.config
+        weight = self.lm_head.weight
+        max_len = max_len or c.context_length
+        return [
+            KVCache(batch_size, c.n_heads, max_len, c.head_dim, weight.device, weight.dtype) for _ in range(c.n_layers)
+        ]
+
+    def num_params(self) -> int:
+        """Parameters counted once each (a tied head is not counted twice)."""
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,96 @@
+"""Causal multi-head self-attention, with two paths that agree to fp32 tolerance.
+
+- "reference": the computation written out, softmax(q k^T / sqrt(hs)) v with an explicit causal mask
+  (`masked_fill`, as the seed asks). Readable, materialises the (T, T) scores.
+- "sdpa": `torch.nn.functional.scaled_dot_product_attention`, which dispatches to flash / memory-efficient
+  kernels where the device has them. The default.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gpt2scratch.config import GPTConfig
+
+ATTENTION_IMPLS = ("sdpa", "reference")
+
+
+class KVCache:
+    """Keys and values of one layer for incremental decoding, preallocated to `max_len` positions."""
+
+    def __init__(self, batch_size: int, n_heads: int, max_len: int, head_dim: int, device, dtype):
+        shape = (batch_size, n_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append (B, nh, T, hs) keys/values; return all keys/values so far."""
+        start, end = self.length, self.length + k.size(2)
+        if end > self.k.size(2):
+            raise ValueError(f"KV cache holds {self.k.size(2)} positions; cannot append up to {end}")
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class MultiHeadSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, attn_impl: str = "sdpa"):
+        super().__init__()
+        if attn_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attn_impl ({attn_impl!r}) must be one of {ATTENTION_IMPLS}")
+        self.attn_impl = attn_impl
+        self.n_heads = config.n_heads
+        self.emb_dim = config.emb_dim
+        self.drop_rate = config.drop_rate
+        # q, k and v in one matmul; GPT-2 names (attn.c_attn, attn.c_proj) so HF interop is a transpose.
+        self.c_attn = nn.Linear(config.emb_dim, 3 * config.emb_dim, bias=config.qkv_bias)
+        self.c_proj = nn.Linear(config.emb_dim, config.emb_dim)  # residual projection: scaled init in gpt.py
+        self.attn_dropout = nn.Dropout(config.drop_rate)
+        self.resid_dropout = nn.Dropout(config.drop_rate)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.emb_dim, dim=2)
+        q = q.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)  # (B, nh, T, hs)
+        past = 0
+        if cache is not None:
+            past = cache.length
+            k, v = cache.update(k, v)  # (B, nh, past + T, hs)
+        if self.attn_impl == "sdpa":
+            y = self._sdpa(q, k, v, past)
+        else:
+            y = self._reference(q, k, v, past)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
+        return self.resid_dropout(self.c_proj(y))
+
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -> torch.Tensor:
+        dropout_p = self.drop_rate if self.training else 0.0
+        T = q.size(2)
+        if past == 0:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        if T == 1:  # one new query attends to every cached key: no mask needed
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        # Several new queries after a cached prefix: is_causal would align the mask top-left, so pass it.
+        mask = _causal_mask(T, past, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+    def _reference(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -> torch.Tensor:
+        T = q.size(2)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, past + T)
+        att = att.masked_fill(~_causal_mask(T, past, q.device), float("-inf"))
+        att = F.softmax(att, dim=-1)
+        att = self.attn_dropout(att)
+        return att @ v  # (B, nh, T, hs)
+
+
+def _causal_mask(T: int, past: int, device) -> torch.Tensor:
+    """(T, past + T) booleans: query i (at position past + i) may see keys 0 .. past + i."""
+    return torch.ones(T, past + T, dtype=torch.bool, device=device).tril(diagonal=past)
