@@ -1,0 +1,234 @@
+"""Token shards on disk -> (x, y) training windows: exact, resumable, rank-aware.
+
+Shard format (written by `gpt2scratch prepare`, see data_module.py), after llm.c's:
+    header: 256 little-endian int32 = [MAGIC, FORMAT_VERSION, bytes per token (2 = uint16), token count, 0...]
+    body:   token count x uint16
+A prepared folder holds `manifest.json` and `{train,val}_NNNNNN.bin`; the manifest is written last, so a
+folder without one is not a finished preparation.
+
+Order of training windows: split `train` is cut into windows of context_length + 1 tokens (x = window[:-1],
+y = window[1:]); each epoch shifts the window grid by a seeded offset and visits the windows in a seeded
+permutation. A global micro-batch is the next `world_size * batch_size` windows of that order; rank r takes
+its r-th slice. So N processes see exactly the windows one process sees at the same global batch, and the
+position in the order (`state_dict()`) is all that a resumed run needs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+MAGIC = 20241125
+FORMAT_VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+TOKEN_DTYPE = np.uint16
+MANIFEST = "manifest.json"
+SPLITS = ("train", "val")
+
+
+class DataError(ValueError):
+    """Prepared data that cannot be used; the message says what to re-run."""
+
+
+def read_shard(path: str | Path) -> np.ndarray:
+    """Memory-map a shard's tokens, after checking its header and size."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} is missing; re-run `gpt2scratch prepare`")
+    size = path.stat().st_size
+    if size < HEADER_BYTES:
+        raise DataError(f"{path} is truncated ({size} bytes, shorter than the header); re-run `gpt2scratch prepare`")
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    if header[0] != MAGIC:
+        raise DataError(f"{path} is not a token shard (bad magic); re-run `gpt2scratch prepare`")
+    if header[1] != FORMAT_VERSION:
+        raise DataError(
+            f"{path} has shard format version {header[1]}, this gpt2scratch reads {FORMAT_VERSION}; "
+            "re-run `gpt2scratch prepare`"
+        )
+    if header[2] != np.dtype(TOKEN_DTYPE).itemsize:
+        raise DataError(f"{path} has {header[2]}-byte tokens, expected uint16; re-run `gpt2scratch prepare`")
+    count = int(header[3])
+    expected = HEADER_BYTES + count * 2
+    if size != expected:
+        raise DataError(
+            f"{path} is truncated or corrupt ({size} bytes, header says {count} tokens = {expected} bytes); "
+            "re-run `gpt2scratch prepare`"
+        )
+    return np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(count,))
+
+
+def read_manifest(data_dir: str | Path) -> dict:
+    data_dir = Path(data_dir)
+    path = data_dir / MANIFEST
+    if not data_dir.is_dir():
+        raise DataError(f"data folder {data_dir} does not exist; create it with `gpt2scratch prepare --out {data_dir}`")
+    if not path.is_file():
+        raise DataError(
+            f"{data_dir} has no {MANIFEST} (not prepared, or preparation did not finish); "
+            f"run `gpt2scratch prepare --out {data_dir}`"
+        )
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path} is not valid JSON ({error}); re-run `gpt2scratch prepare`") from None
+
+
+class TokenSplit:
+    """One split's shards as one read-only token sequence."""
+
+    def __init__(self, data_dir: str | Path, split: str):
+        manifest = read_manifest(data_dir)
+        if split not in manifest["splits"]:
+            raise DataError(f"{data_dir} has no '{split}' split; re-run `gpt2scratch prepare`")
+        info = manifest["splits"][split]
+        self.shards = [read_shard(Path(data_dir) / name) for name in info["shards"]]
+        self.offsets = np.cumsum([0] + [len(shard) for shard in self.shards])
+        self.n_tokens = int(self.offsets[-1])
+        if self.n_tokens != info["tokens"]:
+            raise DataError(
+                f"{data_dir}: the '{split}' shards hold {self.n_tokens} tokens but the manifest says "
+                f"{info['tokens']}; re-run `gpt2scratch prepare`"
+            )
+        self.n_bytes = int(info["bytes"])
+
+    def __len__(self) -> int:
+        return self.n_tokens
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """Tokens [start, start + length), across shard boundaries, as int64."""
+        pieces = []
+        shard = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        while length > 0:
+            begin = start - int(self.offsets[shard])
+            piece = self.shards[shard][begin : begin + length]
+            pieces.append(piece)
+            start, length, shard = start + len(piece), length - len(piece), shard + 1
+        return np.concatenate(pieces).astype(np.int64)
+
+
+@dataclass
+class LoaderState:
+    epoch: int = 0
+    position: int = 0  # windows of this epoch's order already consumed, by all ranks together
+
+
+class TrainLoader:
+    """Endless (x, y) micro-batches of `batch_size` windows for one rank; see the module docstring for the order."""
+
+    def __init__(
+        self,
+        split: TokenSplit,
+        context_length: int,
+        batch_size: int,
+        seed: int = 1337,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank ({rank}) must be in [0, world_size={world_size})")
+        self.split, self.T, self.B = split, context_length, batch_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.global_batch = batch_size * world_size
+        if (len(split) - 1) // context_length < 1:
+            raise DataError(
+                f"the train split has {len(split)} tokens, fewer than one context window ({context_length + 1}); "
+                "use a larger corpus or a smaller context_length"
+            )
+        if self._windows_in_epoch(0) < self.global_batch:
+            raise DataError(
+                f"the train split has {self._windows_in_epoch(0)} windows of {context_length} tokens, fewer than one "
+                f"global micro-batch ({batch_size} x {world_size} ranks); use a smaller batch_size or context_length"
+            )
+        self.state = LoaderState()
+        self._order_epoch, self._order, self._offset = -1, np.empty(0, dtype=np.int64), 0
+
+    def _epoch_rng(self, epoch: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, epoch])
+
+    def _windows_in_epoch(self, offset: int) -> int:
+        return (len(self.split) - 1 - offset) // self.T
+
+    def _ensure_order(self) -> None:
+        if self._order_epoch == self.state.epoch:
+            return
+        rng = self._epoch_rng(self.state.epoch)
+        # Shift the window grid each epoch (epoch 0 starts at token 0), unless that would lose the last window.
+        offset = int(rng.integers(0, self.T)) if self.state.epoch > 0 else 0
+        if self._windows_in_epoch(offset) < self._windows_in_epoch(0):
+            offset = 0
+        self._offset = offset
+        self._order = rng.permutation(self._windows_in_epoch(offset))
+        self._order_epoch = self.state.epoch
+
+    def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
+        """(x, y), each (batch_size, context_length) int64: this rank's part of the next global micro-batch."""
+        self._ensure_order()
+        if self.state.position + self.global_batch > len(self._order):  # drop the epoch's remainder
+            self.state = LoaderState(epoch=self.state.epoch + 1, position=0)
+            self._ensure_order()
+        first = self.state.position + self.rank * self.B
+        windows = self._order[first : first + self.B]
+        self.state.position += self.global_batch
+        batch = np.stack([self.split.read(self._offset + int(w) * self.T, self.T + 1) for w in windows])
+        return batch[:, :-1], batch[:, 1:]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.state.epoch, "position": self.state.position, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["seed"] != self.seed:
+            raise ValueError(f"loader state was saved with seed {state['seed']}, this loader has seed {self.seed}")
+        self.state = LoaderState(epoch=int(state["epoch"]), position=int(state["position"]))
+
+
+def val_batches(split: TokenSplit, context_length: int, batch_size: int, rank: int = 0, world_size: int = 1):
+    """Every full window of the val split once, in order, rank-strided: yields (x, y) of up to batch_size rows.
+
+    A split shorter than one window still gives one (shorter) window, so a small val split is never skipped.
+    """
+    T = min(context_length, len(split) - 1)
+    if T < 1:
+        raise DataError("the val split has fewer than 2 tokens; re-run `gpt2scratch prepare` with more text")
+    windows = list(range(rank, (len(split) - 1) // T, world_size))
+    for i in range(0, len(windows), batch_size):
+        batch = np.stack([split.read(w * T, T + 1) for w in windows[i : i + batch_size]])
+        yield batch[:, :-1], batch[:, 1:]
+
+
+class DataModule:
+    """A prepared data folder, with what the trainer needs to read it (context, batch, ranks, seed)."""
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        context_length: int,
+        batch_size: int,
+        seed: int = 1337,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        self.data_dir = Path(data_dir)
+        self.manifest = read_manifest(self.data_dir)
+        self.context_length, self.batch_size = context_length, batch_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.train = TokenSplit(self.data_dir, "train")
+        self.val = TokenSplit(self.data_dir, "val")
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.manifest["tokenizer"]["vocab_size"])
+
+    def tokenizer_dir(self) -> Path:
+        """Folder of the tokenizer the shards were made with (vocab.json + merges.txt)."""
+        return self.data_dir / self.manifest["tokenizer"]["path"]
+
+    def train_loader(self) -> TrainLoader:
+        return TrainLoader(self.train, self.context_length, self.batch_size, self.seed, self.rank, self.world_size)
+
+    def val_batches(self, batch_size: int | None = None):
+        return val_batches(self.val, self.context_length, batch_size or self.batch_size, self.rank, self.world_size)
