@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install run test test-all lint format bench clean
+.PHONY: install run test test-fast lint format bench clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -12,14 +12,17 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 
 install: $(BIN)/.installed
 
-run: install  ## set up, then run the main job (`python main.py`)
-	$(BIN)/python main.py
+run: install  ## set up, then run the main job: `python main.py` (a fresh run: earlier checkpoints in ./ckpt go)
+	$(BIN)/python main.py --overwrite
 
-test: install lint  ## set up, then run the fast test suite and the linter
+test: install lint  ## set up, then run every test (slow and distributed ones included) and the linter
 	$(BIN)/python -m pytest
 
-test-all: install lint  ## every test, the slow and distributed ones included
-	$(BIN)/python -m pytest -m ""
+test-fast: install  ## the quick tests only (no `slow` or `distributed` marker), for the edit-test loop
+	$(BIN)/python -m pytest -m "not slow and not distributed"
+
+bench: install  ## the benchmark scripts (they print figures beside a reference; no assertions)
+	$(BIN)/python bench/prepare_throughput.py
 
 lint: install
 	$(BIN)/ruff check .

@@ -108,7 +108,7 @@ def test_kv_cache_logits_equal_full_recompute():
         for impl in ("sdpa", "reference"):
             for block in model.transformer.h:
                 block.attn.attn_impl = impl
-            caches = model.new_kv_caches(batch_size=2)
+            caches = model.new_kv_caches()
             parts = [model(idx[:, :10], caches=caches)[0], model(idx[:, 10:13], caches=caches)[0]]
             parts += [model(idx[:, t : t + 1], caches=caches)[0] for t in range(13, 24)]
             assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)

@@ -2,6 +2,7 @@
 
     gpt2scratch info [--preset NAME | --config FILE] [--json]
     gpt2scratch prepare [INPUT ...] --out DIR [--tokenizer gpt2 | bpe:N]
+    gpt2scratch train [--preset auto|NAME] [--config FILE] [--out DIR] [--resume] [--time-budget MIN] [...]
     gpt2scratch --help
 
 Nothing imports this module. Library code raises exceptions; here they become one line on stderr and exit code 1.
@@ -13,13 +14,18 @@ import argparse
 import dataclasses
 import json
 import logging
+import shutil
 import sys
+from pathlib import Path
 from typing import Any
 
 from gpt2scratch import __version__
-from gpt2scratch.config import PRESETS, SECTIONS, Config, resolve_config
+from gpt2scratch.config import PRESETS, SECTIONS, Config, GPTConfig, merge, resolve_config
+from gpt2scratch.dataset.dataset import DataModule
 
 log = logging.getLogger("gpt2scratch")
+
+CPU_TOKENIZER = "bpe:4096"  # the CPU default: see the README's "The default run"
 
 
 class UserError(Exception):
@@ -30,15 +36,25 @@ class UserError(Exception):
 # Config flags: one --flag per dataclass field, generated so that --help always lists every setting.
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+def add_config_arguments(parser: argparse.ArgumentParser, auto_preset: bool = False) -> None:
     group = parser.add_argument_group(
         "configuration", "defaults < --preset < --config file < these flags; see the README for every default"
     )
-    group.add_argument("--preset", choices=list(PRESETS), help="a named model shape (default: the seed's GPTConfig)")
+    if auto_preset:
+        group.add_argument(
+            "--preset",
+            choices=["auto", *PRESETS],
+            default="auto",
+            help="a named model shape; auto (default): the seed's GPTConfig on a GPU, the `cpu` preset on a CPU",
+        )
+    else:
+        group.add_argument(
+            "--preset", choices=list(PRESETS), help="a named model shape (default: the seed's GPTConfig)"
+        )
     group.add_argument("--config", metavar="FILE", help="a JSON or TOML file with [model] and [training] sections")
     for section, cls in SECTIONS.items():
         for f in dataclasses.fields(cls):
-            flag = "--" + f.name.replace("_", "-")
+            flag = "--" + ("data-" if section == "data" else "") + f.name.replace("_", "-")
             help_text = f"{f.metadata.get('help', '')} [{section}.{f.name}, default {f.default}]"
             if f.type == "bool":
                 group.add_argument(
@@ -49,13 +65,18 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                 group.add_argument(flag, dest=f"{section}.{f.name}", type=kind, metavar=f.name.upper(), help=help_text)
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
+def config_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The config fields given on the command line, as {section: {field: value}}."""
     overrides: dict[str, dict[str, Any]] = {}
     for key, value in vars(args).items():
         if "." in key and value is not None:
             section, name = key.split(".", 1)
             overrides.setdefault(section, {})[name] = value
-    return resolve_config(args.preset, args.config, overrides)
+    return overrides
+
+
+def config_from_args(args: argparse.Namespace, preset: str | None = None) -> Config:
+    return resolve_config(preset or args.preset, args.config, config_overrides(args))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -66,7 +87,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     from gpt2scratch.estimates import flops_per_token, n_params, n_params_non_embedding, training_memory_bytes
 
     config = config_from_args(args)
-    memory = training_memory_bytes(config.model, config.training.batch_size, args.precision)
+    precision = "bf16" if config.training.precision == "auto" else config.training.precision
+    memory = training_memory_bytes(config.model, config.training.batch_size, precision)
     report = {
         "config": config.to_dict(),
         "n_params": n_params(config.model),
@@ -74,7 +96,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "flops_per_token": flops_per_token(config.model),
         "training_memory": {
             "micro_batch": config.training.batch_size,
-            "precision": args.precision,
+            "precision": precision,
             "weights_grads_adamw_bytes": memory.weights_and_optimizer,
             "activations_bytes": memory.activations,
             "logits_bytes": memory.logits,
@@ -93,7 +115,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"  non-embedding          {report['n_params_non_embedding']:>15,}")
     print(f"training FLOPs / token   {report['flops_per_token']:>15,}  (6N + 12 L C T)")
     print(
-        f"training memory (micro-batch {config.training.batch_size} x {config.model.context_length}, {args.precision}, "
+        f"training memory (micro-batch {config.training.batch_size} x {config.model.context_length}, {precision}, "
         f"AdamW): ~{memory.total / gib:.2f} GiB = weights+grads+optimizer {memory.weights_and_optimizer / gib:.2f} "
         f"+ activations {memory.activations / gib:.2f} + logits {memory.logits / gib:.2f}"
     )
@@ -137,6 +159,121 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# train
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    from gpt2scratch import checkpoint
+    from gpt2scratch.trainer import Trainer, fit_steps_to_budget, pick_device, setup_runtime
+
+    overrides = config_overrides(args)
+    if args.out:
+        overrides.setdefault("training", {})["save_path"] = args.out
+    preset = args.preset
+    if preset == "auto":
+        device, _ = pick_device(overrides.get("training", {}).get("device", "auto"))
+        preset = None if device.type == "cuda" else "cpu"
+    config = resolve_config(preset, args.config, overrides)
+    run_dir = Path(config.training.save_path)
+    ckpt_root = run_dir / checkpoint.CKPT_DIR
+    latest = checkpoint.latest(ckpt_root)
+    if args.resume:
+        if latest is None:
+            raise UserError(f"--resume: no checkpoint in {ckpt_root}; start without --resume")
+        # The checkpoint's config, with what the command line says on top (e.g. a larger --max-steps).
+        config = merge(Config.from_dict(checkpoint.read_state(latest).state["config"]), overrides, "command line")
+    elif latest is not None and not args.overwrite:
+        raise UserError(
+            f"{ckpt_root} holds checkpoints of an earlier run (latest: {latest.name}); pass --resume to continue "
+            "it, --overwrite to start over (deletes them), or --out to train elsewhere"
+        )
+    runtime = setup_runtime(config.training)
+    logging.getLogger().setLevel(logging.INFO if runtime.is_main else logging.WARNING)
+    try:
+        if args.overwrite and not args.resume and runtime.is_main:
+            shutil.rmtree(ckpt_root, ignore_errors=True)
+            for name in ("metrics.jsonl", "loss.png", "run_config.json"):
+                (run_dir / name).unlink(missing_ok=True)
+        config = _resolve_data(config, runtime)
+        data = DataModule(
+            config.data.dir,
+            config.model.context_length,
+            config.training.batch_size,
+            config.training.seed,
+            runtime.rank,
+            runtime.world_size,
+        )
+        config = _fit_vocabulary(config, data.vocab_size, explicit="vocab_size" in overrides.get("model", {}))
+        if not args.resume and runtime.is_main:
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        trainer = Trainer(config, run_dir, runtime, data, resume=args.resume)
+        if config.training.time_budget and not args.resume:
+            trainer.config = config = dataclasses.replace(
+                config, training=fit_steps_to_budget(trainer, config.training.time_budget)
+            )
+        summary = trainer.fit()
+        if runtime.is_main and not summary["interrupted"]:
+            _finish(trainer, run_dir, summary)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 130 if summary["interrupted"] else 0
+
+
+def _resolve_data(config: Config, runtime) -> Config:
+    """data.dir/tokenizer `auto`: the embedded corpus, GPT-2's tokenizer on a GPU, a small BPE on a CPU;
+    prepared on first use (by rank 0 while the others wait)."""
+    import torch.distributed as dist
+
+    from gpt2scratch.dataset.data_module import PrepareOptions, prepare
+    from gpt2scratch.dataset.dataset import MANIFEST
+
+    tokenizer = config.data.tokenizer
+    if tokenizer == "auto":
+        tokenizer = "gpt2" if runtime.device.type == "cuda" else CPU_TOKENIZER
+    directory = config.data.dir
+    if directory == "auto":
+        directory = "data/shakespeare" if tokenizer == "gpt2" else f"data/shakespeare-{tokenizer.replace(':', '')}"
+        if not (Path(directory) / MANIFEST).is_file() and runtime.is_main:
+            log.info(f"preparing the embedded Shakespeare corpus in {directory} (tokenizer {tokenizer})")
+            prepare([], directory, PrepareOptions(tokenizer=tokenizer))
+        if runtime.distributed:
+            dist.barrier()
+    return dataclasses.replace(config, data=dataclasses.replace(config.data, dir=directory, tokenizer=tokenizer))
+
+
+def _fit_vocabulary(config: Config, data_vocab: int, explicit: bool) -> Config:
+    """The model's vocabulary follows the data's tokenizer unless set on purpose (it may be larger: padding)."""
+    model_vocab = config.model.vocab_size
+    if model_vocab == data_vocab or (explicit and model_vocab > data_vocab):
+        return config
+    if explicit or model_vocab < data_vocab and model_vocab != GPTConfig().vocab_size:
+        raise UserError(
+            f"vocab_size ({model_vocab}) is smaller than the data's tokenizer ({data_vocab} tokens); "
+            f"use --vocab-size {data_vocab} or more"
+        )
+    log.info(f"vocab_size set to {data_vocab}, the data's tokenizer")
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=data_vocab))
+
+
+def _finish(trainer, run_dir: Path, summary: dict) -> None:
+    from gpt2scratch.hf import export_folder
+
+    t = trainer.config.training
+    hf_dir = export_folder(
+        trainer.raw_model, trainer.data.tokenizer_dir(), run_dir / "hf", t.k_top, t.max_new_token, t.temperature
+    )
+    nan = float("nan")
+    print(
+        f"done: {summary['step']} steps in {summary['minutes']:.1f} min; val loss {summary.get('val_loss', nan):.4f}, "
+        f"val bits per byte {summary.get('val_bpb', nan):.4f}; checkpoints in {trainer.ckpt_root}; "
+        f"Hugging Face folder {hf_dir} (GPT2LMHeadModel.from_pretrained({str(hf_dir)!r}))"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,11 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
         "info",
         help="show a model's config, parameter count, FLOPs per token and training memory",
         description="Describe a model before you train it: resolved config, parameters (total and non-embedding), "
-        "training FLOPs per token, and an estimate of training memory for --batch-size sequences per micro-batch. "
+        "training FLOPs per token, and an estimate of training memory for --batch-size sequences per micro-batch "
+        "at --precision (auto counts as bf16). "
         "With no --preset or --config it describes the seed's default GPTConfig().",
     )
     add_config_arguments(info)
-    info.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16", help="for the memory estimate")
     info.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     info.set_defaults(run=cmd_info)
 
@@ -195,7 +332,32 @@ Re-running with the same inputs and settings reuses the shards; a changed input 
     prep.add_argument("--workers", type=int, help="tokenizer processes (default: all cores)")
     prep.add_argument("--quiet", action="store_true", help="no progress bar")
     prep.set_defaults(run=cmd_prepare)
+
+    train = commands.add_parser(
+        "train",
+        help="train a model (CPU, GPU, or many with torchrun)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""Train GPT-2 from scratch, or go on with --resume.
+
+The run folder (--out, default: save_path = .) gets ckpt/step_NNNNNN/ checkpoints (the last --keep-last and
+the best by val loss), metrics.jsonl, loss.png, run_config.json and, at the end, hf/: a Hugging Face folder.
+With data dir `auto` the embedded Shakespeare corpus is prepared on first use (GPT-2's tokenizer on a GPU, a
+small byte-level BPE on a CPU). Ctrl-C saves a checkpoint and exits; --resume continues from the latest one,
+bit for bit. Several GPUs or nodes: torchrun --nproc_per_node=N -m gpt2scratch train ... (see the README).""",
+    )
+    add_config_arguments(train, auto_preset=True)
+    train.add_argument("--out", metavar="DIR", help="run folder (same as --save-path)")
+    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run folder")
+    train.add_argument("--overwrite", action="store_true", help="start over in a run folder that has checkpoints")
+    train.set_defaults(run=cmd_train)
     return parser
+
+
+def _is_user_facing(error: Exception) -> bool:
+    """Errors that describe a problem with the input or the run (one line), not a bug (a traceback)."""
+    trainer = sys.modules.get("gpt2scratch.trainer")
+    training_error = (trainer.TrainingError,) if trainer else ()
+    return isinstance(error, (UserError, ValueError, OSError, *training_error))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,7 +365,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return args.run(args)
-    except (UserError, ValueError, OSError) as error:
+    except Exception as error:
+        if not _is_user_facing(error):
+            raise
         print(f"gpt2scratch {args.command}: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

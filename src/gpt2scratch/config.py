@@ -11,10 +11,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+IGNORE_INDEX = -100  # a target that does not count in the loss (PyTorch's and HF's convention)
 
 
 def _help(text: str) -> dict[str, str]:
@@ -67,10 +70,45 @@ class TrainingConfig:
     temperature: float = field(default=1.0, metadata=_help("sampling temperature (0 = greedy)"))
     k_top: int = field(default=50, metadata=_help("top-k sampling (0 = no top-k filter)"))
     save_path: str = field(default=".", metadata=_help("folder of the run; checkpoints go to SAVE_PATH/ckpt"))
+    # Beyond the seed: the rest of build-nanogpt's recipe and what a run needs.
+    tokens_per_step: int = field(
+        default=524288, metadata=_help("tokens per optimizer step (2^19), reached by gradient accumulation")
+    )
+    grad_clip: float = field(default=1.0, metadata=_help("clip the gradient norm to this (0 = off)"))
+    beta1: float = field(default=0.9, metadata=_help("AdamW beta1"))
+    beta2: float = field(default=0.95, metadata=_help("AdamW beta2"))
+    eval_every: int = field(default=250, metadata=_help("validate every N steps (0 = only at the end)"))
+    eval_tokens: int = field(default=0, metadata=_help("val tokens per evaluation (0 = the whole val split)"))
+    sample_every: int = field(default=500, metadata=_help("print a sample every N steps (0 = only at the end)"))
+    save_every: int = field(default=1000, metadata=_help("checkpoint every N steps (0 = only at the end)"))
+    keep_last: int = field(default=2, metadata=_help("checkpoints kept, besides the best by val loss"))
+    log_every: int = field(default=10, metadata=_help("print a log line every N steps"))
+    seed: int = field(default=1337, metadata=_help("seed of initialisation, data order and dropout"))
+    time_budget: float = field(
+        default=0.0, metadata=_help("train for this many minutes, max_steps fitted to it (0 = off)")
+    )
+    device: str = field(default="auto", metadata=_help("auto, cpu, cuda, cuda:N or mps"))
+    precision: str = field(default="auto", metadata=_help("auto, fp32, bf16 or fp16 (autocast)"))
+    compile: str = field(default="auto", metadata=_help("torch.compile: auto (on for CUDA), on or off"))
+    fsdp: bool = field(default=False, metadata=_help("shard the model with FSDP2 instead of DDP (torchrun)"))
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "batch_size", "max_new_token"):
+        for name in ("max_steps", "batch_size", "max_new_token", "log_every", "keep_last"):
             _require_positive_int(self, name)
+        for name in ("tokens_per_step", "eval_every", "eval_tokens", "sample_every", "save_every", "seed"):
+            _require_int(self, name)
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} ({getattr(self, name)}) must be >= 0")
+        for name in ("grad_clip", "beta1", "beta2", "time_budget"):
+            _require_number(self, name)
+        if self.grad_clip < 0 or self.time_budget < 0:
+            raise ValueError("grad_clip and time_budget must be >= 0")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError(f"beta1 ({self.beta1}) and beta2 ({self.beta2}) must be in [0, 1)")
+        _require_choice(self, "device", None, pattern=r"auto|cpu|mps|cuda(:\d+)?")
+        _require_choice(self, "precision", ("auto", "fp32", "bf16", "fp16"))
+        _require_choice(self, "compile", ("auto", "on", "off"))
+        _require_bool(self, "fsdp")
         for name in ("warmup_steps", "k_top"):
             _require_int(self, name)
             if getattr(self, name) < 0:
@@ -95,11 +133,32 @@ class TrainingConfig:
 
 
 @dataclass
+class DataConfig:
+    """Where the training tokens come from."""
+
+    dir: str = field(
+        default="auto",
+        metadata=_help(
+            "prepared data folder; auto = the embedded corpus in data/shakespeare[-bpeN], prepared if missing"
+        ),
+    )
+    tokenizer: str = field(
+        default="auto", metadata=_help("tokenizer when the embedded corpus is prepared: gpt2, bpe:N, or auto")
+    )
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.dir, str) or not self.dir:
+            raise ValueError(f"dir ({self.dir!r}) must be a folder made by `gpt2scratch prepare`, or auto")
+        _require_choice(self, "tokenizer", None, pattern=r"auto|gpt2|bpe:\d+")
+
+
+@dataclass
 class Config:
-    """One run's resolved configuration: the model's shape and how it is trained."""
+    """One run's resolved configuration: the model's shape, how it is trained, and on what data."""
 
     model: GPTConfig = field(default_factory=GPTConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -110,7 +169,7 @@ class Config:
         return merge(cls(), data, source="config")
 
 
-SECTIONS: dict[str, type] = {"model": GPTConfig, "training": TrainingConfig}
+SECTIONS: dict[str, type] = {"model": GPTConfig, "training": TrainingConfig, "data": DataConfig}
 
 # OpenAI's released shapes: their checkpoints have qkv bias and a tied LM head.
 _OPENAI = {"vocab_size": 50257, "context_length": 1024, "qkv_bias": True, "weight_tying": True}
@@ -123,6 +182,24 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "tiny": {"model": {"n_layers": 2, "n_heads": 2, "emb_dim": 64, "context_length": 64, "drop_rate": 0.0}},
     "mini": {"model": {"n_layers": 4, "n_heads": 4, "emb_dim": 128, "context_length": 128, "drop_rate": 0.0}},
     "small": {"model": {"n_layers": 6, "n_heads": 6, "emb_dim": 384, "context_length": 256, "drop_rate": 0.1}},
+    # The CPU default of `train --preset auto` (and so of `python main.py`): on 2 cores a larger model sees too
+    # few tokens in 8 minutes; this size learned the most in that time (README, "The default run").
+    "cpu": {
+        "model": {"n_layers": 4, "n_heads": 4, "emb_dim": 128, "context_length": 256, "drop_rate": 0.0},
+        "training": {
+            "batch_size": 16,
+            "tokens_per_step": 4096,
+            "max_lr": 3e-3,
+            "min_lr": 3e-4,
+            "warmup_steps": 50,
+            "max_steps": 2000,
+            "eval_every": 100,
+            "sample_every": 500,
+            "save_every": 200,
+            "log_every": 50,
+            "time_budget": 8.0,
+        },
+    },
 }
 
 
@@ -204,6 +281,14 @@ def _require_number(obj: Any, name: str) -> None:
     value = getattr(obj, name)
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ValueError(f"{name} ({value!r}) must be a finite number")
+
+
+def _require_choice(obj: Any, name: str, choices: tuple[str, ...] | None, pattern: str | None = None) -> None:
+    value = getattr(obj, name)
+    ok = isinstance(value, str) and (value in choices if choices else re.fullmatch(pattern, value) is not None)
+    if not ok:
+        allowed = ", ".join(choices) if choices else pattern.replace("\\d+", "N").replace("|", ", ")
+        raise ValueError(f"{name} ({value!r}) must be one of: {allowed}")
 
 
 def _require_bool(obj: Any, name: str) -> None:

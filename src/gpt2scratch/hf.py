@@ -7,6 +7,9 @@ and that HF always has a qkv bias (zeros where our model has none). `transformer
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import torch
 
 from gpt2scratch.config import GPTConfig
@@ -109,3 +112,42 @@ def hf_model_from_gpt(model) -> transformers.GPT2LMHeadModel:  # noqa: F821
     if model.config.weight_tying:
         hf.tie_weights()
     return hf.eval()
+
+
+def export_folder(
+    model,
+    tokenizer_dir: str | Path,
+    out_dir: str | Path,
+    top_k: int = 50,
+    max_new_tokens: int = 50,
+    temperature: float = 1.0,
+) -> Path:
+    """Write a folder that `GPT2LMHeadModel.from_pretrained` and `GPT2Tokenizer.from_pretrained` load.
+
+    config.json + model.safetensors (via transformers, so the format is the one it reads), generation_config.json
+    with the run's sampling defaults, and the tokenizer both as vocab.json + merges.txt (what transformers 4.x's
+    slow GPT2Tokenizer reads) and as tokenizer.json + tokenizer_config.json.
+    """
+    from transformers import GenerationConfig, GPT2TokenizerFast
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hf = hf_model_from_gpt(model)
+    tokenizer = GPT2TokenizerFast.from_pretrained(str(tokenizer_dir))
+    eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    hf.config.bos_token_id = hf.config.eos_token_id = eot
+    hf.generation_config = GenerationConfig(
+        do_sample=True,
+        top_k=top_k,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature if temperature > 0 else 1.0,
+        bos_token_id=eot,
+        eos_token_id=eot,
+        pad_token_id=eot,
+    )
+    hf.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.model_max_length = model.config.context_length
+    tokenizer.save_pretrained(out_dir)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copyfile(Path(tokenizer_dir) / name, out_dir / name)
+    return out_dir

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from gpt2scratch.config import IGNORE_INDEX
+
 MAGIC = 20241125
 FORMAT_VERSION = 1
 HEADER_INTS = 256
@@ -186,18 +188,38 @@ class TrainLoader:
         self.state = LoaderState(epoch=int(state["epoch"]), position=int(state["position"]))
 
 
-def val_batches(split: TokenSplit, context_length: int, batch_size: int, rank: int = 0, world_size: int = 1):
-    """Every full window of the val split once, in order, rank-strided: yields (x, y) of up to batch_size rows.
+def val_batches(
+    split: TokenSplit,
+    context_length: int,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    max_tokens: int | None = None,
+):
+    """Every full window of the val split once (or those in the first max_tokens), in order, rank-strided.
 
-    A split shorter than one window still gives one (shorter) window, so a small val split is never skipped.
+    Yields (x, y) of batch_size rows (fewer in the last batch). Every rank gets the same number of batches (FSDP
+    needs that); a rank with one window fewer gets a padding row whose targets are all IGNORE_INDEX, so the
+    windows evaluated, and the loss, are the same for any number of ranks. A split shorter than one window
+    still gives one (shorter) window, so a small val split is never skipped.
     """
     T = min(context_length, len(split) - 1)
     if T < 1:
         raise DataError("the val split has fewer than 2 tokens; re-run `gpt2scratch prepare` with more text")
-    windows = list(range(rank, (len(split) - 1) // T, world_size))
-    for i in range(0, len(windows), batch_size):
-        batch = np.stack([split.read(w * T, T + 1) for w in windows[i : i + batch_size]])
-        yield batch[:, :-1], batch[:, 1:]
+    n_windows = (len(split) - 1) // T
+    if max_tokens:
+        n_windows = min(n_windows, max(1, max_tokens // T))
+    per_rank = -(-n_windows // world_size)  # ceil
+    windows = list(range(rank, n_windows, world_size))
+    windows += [None] * (per_rank - len(windows))
+    for i in range(0, per_rank, batch_size):
+        rows = [
+            split.read(w * T, T + 1) if w is not None else np.full(T + 1, IGNORE_INDEX, dtype=np.int64)
+            for w in windows[i : i + batch_size]
+        ]
+        batch = np.stack(rows)
+        x = np.where(batch[:, :-1] == IGNORE_INDEX, 0, batch[:, :-1])
+        yield x, batch[:, 1:]
 
 
 class DataModule:
@@ -230,5 +252,6 @@ class DataModule:
     def train_loader(self) -> TrainLoader:
         return TrainLoader(self.train, self.context_length, self.batch_size, self.seed, self.rank, self.world_size)
 
-    def val_batches(self, batch_size: int | None = None):
-        return val_batches(self.val, self.context_length, batch_size or self.batch_size, self.rank, self.world_size)
+    def val_batches(self, batch_size: int | None = None, max_tokens: int | None = None):
+        batch_size = batch_size or self.batch_size
+        return val_batches(self.val, self.context_length, batch_size, self.rank, self.world_size, max_tokens)

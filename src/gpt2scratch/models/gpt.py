@@ -12,13 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpt2scratch.config import GPTConfig
+from gpt2scratch.config import IGNORE_INDEX, GPTConfig
 from gpt2scratch.models.layer_norm import LayerNorm
 from gpt2scratch.models.multi_head_self_attention import KVCache
 from gpt2scratch.models.transformer_block import TransformerBlock
 
 INIT_STD = 0.02  # GPT-2's initializer_range
-IGNORE_INDEX = -100  # targets equal to this do not count in the loss (PyTorch's and HF's convention)
 
 
 class GPT(nn.Module):
@@ -103,14 +102,9 @@ class GPT(nn.Module):
                 "was the text encoded with a different tokenizer than the model's?"
             )
 
-    def new_kv_caches(self, batch_size: int, max_len: int | None = None) -> list[KVCache]:
-        """Empty per-layer caches for incremental decoding, in the model's device and dtype."""
-        c = self.config
-        weight = self.lm_head.weight
-        max_len = max_len or c.context_length
-        return [
-            KVCache(batch_size, c.n_heads, max_len, c.head_dim, weight.device, weight.dtype) for _ in range(c.n_layers)
-        ]
+    def new_kv_caches(self, max_len: int | None = None) -> list[KVCache]:
+        """Empty per-layer caches for incremental decoding of up to max_len (default: context) positions."""
+        return [KVCache(max_len or self.config.context_length) for _ in range(self.config.n_layers)]
 
     def num_params(self) -> int:
         """Parameters counted once each (a tied head is not counted twice)."""

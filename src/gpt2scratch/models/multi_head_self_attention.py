@@ -20,19 +20,24 @@ ATTENTION_IMPLS = ("sdpa", "reference")
 
 
 class KVCache:
-    """Keys and values of one layer for incremental decoding, preallocated to `max_len` positions."""
+    """Keys and values of one layer for incremental decoding, allocated once for `max_len` positions
+    (on the first update, in the dtype the keys come in: autocast may make them bf16)."""
 
-    def __init__(self, batch_size: int, n_heads: int, max_len: int, head_dim: int, device, dtype):
-        shape = (batch_size, n_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+    def __init__(self, max_len: int):
+        self.max_len = max_len
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
         self.length = 0
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append (B, nh, T, hs) keys/values; return all keys/values so far."""
+        if self.k is None:
+            B, nh, _, hs = k.shape
+            self.k = k.new_zeros(B, nh, self.max_len, hs)
+            self.v = v.new_zeros(B, nh, self.max_len, hs)
         start, end = self.length, self.length + k.size(2)
-        if end > self.k.size(2):
-            raise ValueError(f"KV cache holds {self.k.size(2)} positions; cannot append up to {end}")
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; cannot append up to {end}")
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
         self.length = end

@@ -1,0 +1,149 @@
+"""Training checkpoints: one folder per saved step, written atomically, loaded without executing code.
+
+    RUN/ckpt/step_000500/
+        model.safetensors   the unwrapped model's weights (no `module.` / `_orig_mod.` prefixes; a tied head once)
+        optimizer.pt        the optimizer's state dict (tensors and numbers only: loaded with weights_only=True)
+        rng.pt              the torch RNG states of every rank (CPU and each CUDA device)
+        state.json          step, resolved config, data-loader position, best val loss, metrics so far
+
+A checkpoint is written into `.tmp-step_000500` and renamed when complete, so a kill during a save leaves
+the previous checkpoints whole and no partial folder that `latest()` would pick.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+CKPT_DIR = "ckpt"
+_STEP_DIR = re.compile(r"step_(\d{6,})")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message says which and why."""
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    state: dict  # the contents of state.json
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+
+def step_dir(ckpt_root: Path, step: int) -> Path:
+    return ckpt_root / f"step_{step:06d}"
+
+
+def save(
+    ckpt_root: str | Path,
+    step: int,
+    model_state: dict[str, torch.Tensor],
+    optimizer_state: dict,
+    rng_states: list[dict],
+    state: dict,
+) -> Path:
+    """Write one checkpoint atomically; returns its folder."""
+    ckpt_root = Path(ckpt_root)
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = step_dir(ckpt_root, step)
+    tmp = ckpt_root / f".tmp-{final.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(_untie(model_state), str(tmp / "model.safetensors"))
+    torch.save(optimizer_state, tmp / "optimizer.pt")
+    torch.save(rng_states, tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1) + "\n", encoding="utf-8")
+    for file in tmp.iterdir():
+        _fsync(file)
+    if final.exists():  # re-saving the same step (e.g. Ctrl-C right after a periodic save)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync(ckpt_root)
+    return final
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def list_checkpoints(ckpt_root: str | Path) -> list[Path]:
+    """Complete checkpoint folders, oldest first."""
+    ckpt_root = Path(ckpt_root)
+    if not ckpt_root.is_dir():
+        return []
+    found = [p for p in ckpt_root.iterdir() if p.is_dir() and _STEP_DIR.fullmatch(p.name)]
+    return sorted(found, key=lambda p: int(_STEP_DIR.fullmatch(p.name).group(1)))
+
+
+def latest(ckpt_root: str | Path) -> Path | None:
+    found = list_checkpoints(ckpt_root)
+    return found[-1] if found else None
+
+
+def read_state(path: str | Path) -> Checkpoint:
+    """Read a checkpoint's state.json (cheap: no tensors)."""
+    path = Path(path)
+    state_file = path / "state.json"
+    if not state_file.is_file():
+        raise CheckpointError(f"{path} is not a checkpoint (no state.json)")
+    try:
+        return Checkpoint(path, json.loads(state_file.read_text(encoding="utf-8")))
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{state_file} is corrupt ({error}); resume from an earlier checkpoint") from None
+
+
+def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors stores no shared tensors: drop a tied LM head (load_model_state re-creates it)."""
+    state = dict(state)
+    head, wte = state.get("lm_head.weight"), state.get("transformer.wte.weight")
+    if head is not None and wte is not None and head.data_ptr() == wte.data_ptr():
+        del state["lm_head.weight"]
+    return {key: value.contiguous() for key, value in state.items()}
+
+
+def load_model_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The model weights of a checkpoint folder (a tied LM head is the token embedding again)."""
+    file = Path(path) / "model.safetensors"
+    if not file.is_file():
+        raise CheckpointError(f"{file} is missing; the checkpoint is incomplete")
+    try:
+        state = load_file(str(file))
+    except (SafetensorError, OSError, RuntimeError) as error:
+        raise CheckpointError(f"{file} is truncated or corrupt ({error}); resume from an earlier checkpoint") from None
+    if "lm_head.weight" not in state and "transformer.wte.weight" in state:
+        state["lm_head.weight"] = state["transformer.wte.weight"]
+    return state
+
+
+def load_tensors(path: str | Path, name: str):
+    """optimizer.pt or rng.pt, with weights_only=True: never executes code from the file."""
+    file = Path(path) / name
+    if not file.is_file():
+        raise CheckpointError(f"{file} is missing; the checkpoint is incomplete")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for a damaged zip/pickle
+        raise CheckpointError(f"{file} is truncated or corrupt ({error}); resume from an earlier checkpoint") from None
+
+
+def prune(ckpt_root: str | Path, keep_last: int, keep: set[int]) -> None:
+    """Delete all but the newest `keep_last` checkpoints and those whose step is in `keep` (e.g. the best)."""
+    found = list_checkpoints(ckpt_root)
+    for path in found[:-keep_last] if keep_last else found:
+        if int(_STEP_DIR.fullmatch(path.name).group(1)) not in keep:
+            shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,333 @@
+"""Training: the seed's schedule, learning at all, exact resume, crash safety of checkpoints, and torchrun."""
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from gpt2scratch import checkpoint
+from gpt2scratch.config import GPTConfig, TrainingConfig, resolve_config
+from gpt2scratch.dataset.data_module import PrepareOptions, prepare
+from gpt2scratch.dataset.dataset import DataModule
+from gpt2scratch.models import GPT
+from gpt2scratch.trainer import Runtime, Trainer, TrainingError, configure_optimizer, lr_at
+
+TRAIN_ARGS = ["--preset", "tiny", "--tokens-per-step", "0", "--batch-size", "4", "--warmup-steps", "5"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A small corpus with a 512-token BPE, so that tiny models train in milliseconds per step."""
+    from gpt2scratch.dataset.data_module import EMBEDDED_CORPUS  # noqa: F401 (the corpus ships with the package)
+
+    root = tmp_path_factory.mktemp("data")
+    import tarfile
+
+    with tarfile.open(EMBEDDED_CORPUS, "r:xz") as archive:
+        member = archive.getmember("hamlet_gut.txt")
+        (root / "hamlet.txt").write_bytes(archive.extractfile(member).read()[:300_000])
+    prepare([str(root / "hamlet.txt")], root / "out", PrepareOptions(tokenizer="bpe:512", workers=1, progress=False))
+    return root / "out"
+
+
+def cpu_runtime() -> Runtime:
+    return Runtime(torch.device("cpu"), "fp32", compile=False)
+
+
+def make_config(data_dir, **training):
+    config = resolve_config("tiny", overrides={"model": {"vocab_size": 512}, "data": {"dir": str(data_dir)}})
+    values = dict(tokens_per_step=0, batch_size=4, warmup_steps=2, max_steps=20, eval_every=0, sample_every=0)
+    values.update(training)
+    return type(config)(config.model, TrainingConfig(**values), config.data)
+
+
+def make_trainer(config, run_dir, resume=False) -> Trainer:
+    data = DataModule(config.data.dir, config.model.context_length, config.training.batch_size)
+    return Trainer(config, run_dir, cpu_runtime(), data, resume=resume)
+
+
+def metrics(run_dir, key="train_loss") -> dict[int, float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r[key] for r in map(json.loads, lines) if key in r}
+
+
+def run_cli(*args, timeout=300, **kwargs):
+    return subprocess.run(
+        [sys.executable, "-m", "gpt2scratch", *args], capture_output=True, text=True, timeout=timeout, **kwargs
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_lr_schedule_matches_the_seed():
+    """Linear warm-up to 6e-4 over 715 steps, cosine to 6e-5 at 19073 (build-nanogpt's numbers)."""
+    t = TrainingConfig()
+    assert lr_at(0, t) == pytest.approx(6e-4 / 715)
+    assert lr_at(714, t) == pytest.approx(6e-4)
+    assert lr_at(715, t) == pytest.approx(6e-4)
+    assert lr_at(715 + (19073 - 715) // 2, t) == pytest.approx((6e-4 + 6e-5) / 2, rel=1e-4)
+    assert lr_at(19073, t) == pytest.approx(6e-5)
+    assert all(lr_at(s, t) >= lr_at(s + 1, t) for s in range(715, 19073, 97))  # monotone decay
+
+
+def test_weight_decay_only_on_matrices():
+    model = GPT(GPTConfig(vocab_size=64, context_length=16, emb_dim=32, n_heads=2, n_layers=2, qkv_bias=True))
+    optimizer = configure_optimizer(model, TrainingConfig(), torch.device("cpu"))
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_a_few_steps_lower_the_loss(data_dir, tmp_path):
+    trainer = make_trainer(make_config(data_dir, max_steps=30, max_lr=3e-3), tmp_path)
+    before = trainer.evaluate()["val_loss"]
+    trainer.fit()
+    losses = metrics(tmp_path)
+    assert trainer.evaluate()["val_loss"] < before - 0.3
+    assert sum(list(losses.values())[-5:]) / 5 < sum(list(losses.values())[:5]) / 5 - 0.3
+
+
+def test_one_batch_can_be_overfitted():
+    """A model that cannot memorise one batch has a bug in its forward, loss or optimizer wiring."""
+    config = GPTConfig(vocab_size=128, context_length=32, emb_dim=64, n_heads=4, n_layers=2, drop_rate=0.0)
+    model = GPT(config)
+    optimizer = configure_optimizer(model, TrainingConfig(weight_decay=0.0, max_lr=1e-2), torch.device("cpu"))
+    batch = torch.randint(0, 128, (4, 33))
+    for _ in range(200):
+        _, loss = model(batch[:, :-1], batch[:, 1:])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.05
+
+
+def test_resume_is_bit_for_bit(data_dir, tmp_path):
+    """N steps == N/2 + resume + N/2, with dropout on: weights, optimizer, data order and RNG all restored."""
+    config = make_config(data_dir, max_steps=20, save_every=10, keep_last=5, eval_every=10)
+    config = type(config)(GPTConfig(**{**config.model.__dict__, "drop_rate": 0.1}), config.training, config.data)
+    make_trainer(config, tmp_path / "full").fit()
+    (tmp_path / "half" / "ckpt").mkdir(parents=True)
+    shutil.copytree(tmp_path / "full" / "ckpt" / "step_000010", tmp_path / "half" / "ckpt" / "step_000010")
+    make_trainer(config, tmp_path / "half", resume=True).fit()
+    full, half = metrics(tmp_path / "full"), metrics(tmp_path / "half")
+    assert [half[s] for s in range(11, 21)] == [full[s] for s in range(11, 21)]  # exact float equality
+    assert metrics(tmp_path / "half", "val_loss")[20] == metrics(tmp_path / "full", "val_loss")[20]
+    a = checkpoint.load_model_state(tmp_path / "full" / "ckpt" / "step_000020")
+    b = checkpoint.load_model_state(tmp_path / "half" / "ckpt" / "step_000020")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoint_layout_is_unwrapped_and_safe(data_dir, tmp_path):
+    config = make_config(data_dir, max_steps=4, save_every=2, keep_last=1)
+    make_trainer(config, tmp_path).fit()
+    saved = checkpoint.list_checkpoints(tmp_path / "ckpt")
+    assert [p.name for p in saved] == ["step_000004"]  # keep_last=1 (the best is the last here)
+    state = checkpoint.read_state(saved[0]).state
+    assert state["step"] == 4 and state["config"]["model"]["vocab_size"] == 512 and state["loader"]["position"] == 16
+    weights = checkpoint.load_model_state(saved[0])
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in weights)
+    assert set(weights) == set(GPT(config.model).state_dict())
+    assert checkpoint.load_tensors(saved[0], "optimizer.pt")["state"]  # loads with weights_only=True
+
+
+def test_a_crash_during_a_save_leaves_the_previous_checkpoint(data_dir, tmp_path, monkeypatch):
+    config = make_config(data_dir, max_steps=6, save_every=3, keep_last=5)
+    trainer = make_trainer(config, tmp_path)
+    real_save = torch.save
+
+    def crash_on_second_save(obj, path, *args, **kwargs):
+        if "step_000006" in str(path):
+            raise OSError("disk full (simulated)")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", crash_on_second_save)
+    with pytest.raises(OSError, match="simulated"):
+        trainer.fit()
+    assert checkpoint.latest(tmp_path / "ckpt").name == "step_000003"
+    assert (tmp_path / "ckpt" / ".tmp-step_000006").exists()  # the partial save is not taken for a checkpoint
+    monkeypatch.setattr(torch, "save", real_save)
+    resumed = make_trainer(config, tmp_path, resume=True)
+    assert resumed.step == 3
+
+
+@pytest.mark.slow
+def test_sigkill_during_saves_leaves_a_loadable_checkpoint(tmp_path):
+    """A process killed at a random moment while saving checkpoints in a loop: the latest one always loads."""
+    script = f"""
+import torch
+from gpt2scratch import checkpoint
+from gpt2scratch.models import GPT
+from gpt2scratch.config import GPTConfig
+model = GPT(GPTConfig(vocab_size=2048, context_length=64, emb_dim=256, n_heads=4, n_layers=4))
+for step in range(1, 10000):
+    checkpoint.save({str(tmp_path)!r}, step, model.state_dict(), {{"state": {{}}}}, [{{}}], {{"config": {{}}}})
+    checkpoint.prune({str(tmp_path)!r}, 2, set())
+"""
+    for delay in (0.05, 0.23, 0.61):
+        process = subprocess.Popen([sys.executable, "-c", script])
+        deadline = time.time() + 60
+        while checkpoint.latest(tmp_path) is None and time.time() < deadline:  # saving has begun
+            time.sleep(0.01)
+        time.sleep(delay)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        latest = checkpoint.latest(tmp_path)
+        assert latest is not None
+        state = checkpoint.load_model_state(latest)
+        assert state["transformer.wte.weight"].shape == (2048, 256)
+        checkpoint.load_tensors(latest, "optimizer.pt")
+
+
+def test_corrupt_checkpoints_give_a_clear_error(data_dir, tmp_path):
+    config = make_config(data_dir, max_steps=2, save_every=2)
+    make_trainer(config, tmp_path).fit()
+    path = checkpoint.latest(tmp_path / "ckpt")
+    weights = path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(checkpoint.CheckpointError, match="model.safetensors is truncated or corrupt"):
+        make_trainer(config, tmp_path, resume=True)
+    weights.write_bytes(data)
+    (path / "optimizer.pt").write_bytes(b"not a zip file")
+    with pytest.raises(checkpoint.CheckpointError, match="optimizer.pt is truncated or corrupt"):
+        make_trainer(config, tmp_path, resume=True)
+    (path / "state.json").write_text("{")
+    with pytest.raises(checkpoint.CheckpointError, match="state.json is corrupt"):
+        make_trainer(config, tmp_path, resume=True)
+
+
+def test_non_finite_loss_is_skipped_then_stops_the_run(data_dir, tmp_path, caplog):
+    config = make_config(data_dir, max_steps=20, save_every=2, keep_last=5)
+    trainer = make_trainer(config, tmp_path)
+    real_step = trainer._train_step
+
+    def poisoned_step():
+        if trainer.step == 4:  # from step 5 on, every loss is NaN
+            with torch.no_grad():
+                trainer.raw_model.transformer.ln_f.weight.fill_(float("nan"))
+        return real_step()
+
+    trainer._train_step = poisoned_step
+    with pytest.raises(TrainingError, match="5 non-finite losses in a row at step 9: the run diverged"):
+        trainer.fit()
+    assert "is not finite; skipping this update (1/5 in a row)" in caplog.text
+    latest = checkpoint.latest(tmp_path / "ckpt")
+    assert latest.name == "step_000004"  # no checkpoint is written while updates are being skipped
+    assert all(torch.isfinite(v).all() for v in checkpoint.load_model_state(latest).values())
+
+
+def test_contradictory_settings_are_rejected_before_work(data_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"tokens_per_step \(1000\) must be a multiple of .* 256"):
+        make_trainer(make_config(data_dir, tokens_per_step=1000), tmp_path)
+    with pytest.raises(ValueError, match="--fsdp shards the model across ranks"):
+        make_trainer(make_config(data_dir, fsdp=True), tmp_path)
+    with pytest.raises(ValueError, match="warmup_steps \\(50\\) must not exceed max_steps \\(10\\)"):
+        make_config(data_dir, warmup_steps=50, max_steps=10)
+    result = run_cli("train", *TRAIN_ARGS, "--data-dir", str(data_dir), "--out", str(tmp_path / "r"), "--resume")
+    assert result.returncode == 1 and "--resume: no checkpoint in" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = run_cli("train", *TRAIN_ARGS, "--data-dir", str(tmp_path / "nothing"), "--out", str(tmp_path / "r"))
+    assert result.returncode == 1 and "does not exist; create it with `gpt2scratch prepare --out" in result.stderr
+
+
+def test_cli_run_folder_export_and_sigkill_resume(data_dir, tmp_path):
+    """The issue's check: a SIGKILLed run resumed with --resume logs the same train_loss as an uninterrupted one."""
+    args = ["train", *TRAIN_ARGS, "--max-steps", "40", "--save-every", "5", "--eval-every", "10"]
+    args += ["--data-dir", str(data_dir), "--drop-rate", "0.1"]
+    full = run_cli(*args, "--out", str(tmp_path / "full"))
+    assert full.returncode == 0, full.stderr
+    for name in ("metrics.jsonl", "loss.png", "run_config.json", "hf/config.json", "hf/model.safetensors"):
+        assert (tmp_path / "full" / name).is_file(), name
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gpt2scratch", *args, "--out", str(tmp_path / "killed")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and len(metrics_or_empty(tmp_path / "killed")) < 23:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert 0 < len(metrics_or_empty(tmp_path / "killed")) < 40
+    again = run_cli(*args, "--out", str(tmp_path / "killed"))
+    assert again.returncode == 1 and "holds checkpoints of an earlier run" in again.stderr
+    resumed = run_cli(*args, "--out", str(tmp_path / "killed"), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert metrics(tmp_path / "killed") == metrics(tmp_path / "full")
+    assert metrics(tmp_path / "killed", "val_loss") == metrics(tmp_path / "full", "val_loss")
+
+
+def metrics_or_empty(run_dir) -> dict:
+    try:
+        return metrics(run_dir)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def test_exported_folder_loads_in_transformers_with_our_logits(data_dir, tmp_path):
+    from transformers import GPT2LMHeadModel, GPT2Tokenizer
+
+    trainer = make_trainer(make_config(data_dir, max_steps=3), tmp_path)
+    trainer.fit()
+    from gpt2scratch.hf import export_folder
+
+    export_folder(trainer.raw_model, data_dir / "tokenizer", tmp_path / "hf")
+    model = GPT2LMHeadModel.from_pretrained(tmp_path / "hf")
+    tokenizer = GPT2Tokenizer.from_pretrained(tmp_path / "hf")
+    inputs = tokenizer.encode("To be, or not to be", return_tensors="pt")
+    assert inputs[0].tolist() == trainer.tokenizer.encode("To be, or not to be")
+    trainer.raw_model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(inputs).logits, trainer.raw_model(inputs)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.distributed
+def test_torchrun_two_processes_equal_one(data_dir, tmp_path):
+    """Two gloo ranks at the same global batch log the same per-step train_loss as one process (within 1e-5)."""
+    args = ["--preset", "tiny", "--max-steps", "8", "--eval-every", "4", "--batch-size", "2"]
+    args += ["--tokens-per-step", "512", "--warmup-steps", "2", "--data-dir", str(data_dir), "--precision", "fp32"]
+    one = run_cli("train", *args, "--out", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    two = subprocess.run(
+        [*torchrun, "-m", "gpt2scratch", "train", *args, "--out", str(tmp_path / "two")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert a.keys() == b.keys() == set(range(1, 9))
+    assert all(math.isclose(a[s], b[s], abs_tol=1e-5) for s in a), (a, b)
+    va, vb = metrics(tmp_path / "one", "val_loss"), metrics(tmp_path / "two", "val_loss")
+    assert all(math.isclose(va[s], vb[s], abs_tol=1e-5) for s in va), (va, vb)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits(data_dir, tmp_path):
+    args = ["train", *TRAIN_ARGS, "--max-steps", "100000", "--save-every", "0", "--eval-every", "0"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gpt2scratch", *args, "--data-dir", str(data_dir), "--out", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and len(metrics_or_empty(tmp_path)) < 5:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    latest = checkpoint.latest(tmp_path / "ckpt")
+    assert latest is not None and checkpoint.read_state(latest).step >= 5
+    assert "Traceback" not in stderr
