@@ -280,7 +280,7 @@ def test_exported_folder_loads_in_transformers_with_our_logits(data_dir, tmp_pat
     trainer.fit()
     from gpt2scratch.hf import export_folder
 
-    export_folder(trainer.raw_model, data_dir / "tokenizer", tmp_path / "hf")
+    export_folder(trainer.raw_model.state_dict(), trainer.config.model, data_dir / "tokenizer", tmp_path / "hf")
     model = GPT2LMHeadModel.from_pretrained(tmp_path / "hf")
     tokenizer = GPT2Tokenizer.from_pretrained(tmp_path / "hf")
     inputs = tokenizer.encode("To be, or not to be", return_tensors="pt")

@@ -5,6 +5,7 @@
         optimizer.pt        the optimizer's state dict (tensors and numbers only: loaded with weights_only=True)
         rng.pt              the torch RNG states of every rank (CPU and each CUDA device)
         state.json          step, resolved config, data-loader position, best val loss, metrics so far
+        tokenizer/          vocab.json + merges.txt, so that the folder alone is enough to generate
 
 A checkpoint is written into `.tmp-step_000500` and renamed when complete, so a kill during a save leaves
 the previous checkpoints whole and no partial folder that `latest()` would pick.
@@ -52,6 +53,7 @@ def save(
     optimizer_state: dict,
     rng_states: list[dict],
     state: dict,
+    tokenizer_dir: str | Path | None = None,
 ) -> Path:
     """Write one checkpoint atomically; returns its folder."""
     ckpt_root = Path(ckpt_root)
@@ -59,18 +61,31 @@ def save(
     final = step_dir(ckpt_root, step)
     tmp = ckpt_root / f".tmp-{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(_untie(model_state), str(tmp / "model.safetensors"))
+    write_model_folder(tmp, model_state, {**state, "step": step}, tokenizer_dir)
     torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(rng_states, tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1) + "\n", encoding="utf-8")
-    for file in tmp.iterdir():
-        _fsync(file)
+    for file in tmp.rglob("*"):
+        if file.is_file():
+            _fsync(file)
     if final.exists():  # re-saving the same step (e.g. Ctrl-C right after a periodic save)
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync(ckpt_root)
     return final
+
+
+def write_model_folder(
+    path: str | Path, model_state: dict[str, torch.Tensor], state: dict, tokenizer_dir: str | Path | None
+) -> None:
+    """What inference needs, in `path`: model.safetensors, state.json (with the config) and tokenizer/."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(_untie(model_state), str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "state.json").write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
+    if tokenizer_dir is not None:
+        (path / "tokenizer").mkdir(exist_ok=True)
+        for name in ("vocab.json", "merges.txt"):
+            shutil.copyfile(Path(tokenizer_dir) / name, path / "tokenizer" / name)
 
 
 def _fsync(path: Path) -> None:

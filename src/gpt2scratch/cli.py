@@ -3,6 +3,8 @@
     gpt2scratch info [--preset NAME | --config FILE] [--json]
     gpt2scratch prepare [INPUT ...] --out DIR [--tokenizer gpt2 | bpe:N]
     gpt2scratch train [--preset auto|NAME] [--config FILE] [--out DIR] [--resume] [--time-budget MIN] [...]
+    gpt2scratch generate MODEL [--prompt TEXT] [--temperature T] [--top-k K] [--top-p P] [--seed S] ...
+    gpt2scratch export CKPT --out DIR        gpt2scratch import SRC --out DIR
     gpt2scratch --help
 
 Nothing imports this module. Library code raises exceptions; here they become one line on stderr and exit code 1.
@@ -189,6 +191,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"{ckpt_root} holds checkpoints of an earlier run (latest: {latest.name}); pass --resume to continue "
             "it, --overwrite to start over (deletes them), or --out to train elsewhere"
         )
+    init = None
+    if args.init_from and not args.resume:
+        init = _load_init(args.init_from, overrides)
+        config = dataclasses.replace(config, model=init.config.model)
     runtime = setup_runtime(config.training)
     logging.getLogger().setLevel(logging.INFO if runtime.is_main else logging.WARNING)
     try:
@@ -205,10 +211,14 @@ def cmd_train(args: argparse.Namespace) -> int:
             runtime.rank,
             runtime.world_size,
         )
-        config = _fit_vocabulary(config, data.vocab_size, explicit="vocab_size" in overrides.get("model", {}))
+        explicit_vocab = init is not None or "vocab_size" in overrides.get("model", {})
+        config = _fit_vocabulary(config, data.vocab_size, explicit=explicit_vocab)
+        if init is not None:
+            _check_same_tokenizer(init.tokenizer_dir, data.tokenizer_dir(), args.init_from, config.data.dir)
         if not args.resume and runtime.is_main:
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        trainer = Trainer(config, run_dir, runtime, data, resume=args.resume)
+        init_weights = init.model.state_dict() if init is not None else None
+        trainer = Trainer(config, run_dir, runtime, data, resume=args.resume, init_weights=init_weights)
         if config.training.time_budget and not args.resume:
             trainer.config = config = dataclasses.replace(
                 config, training=fit_steps_to_budget(trainer, config.training.time_budget)
@@ -220,6 +230,35 @@ def cmd_train(args: argparse.Namespace) -> int:
         if dist.is_initialized():
             dist.destroy_process_group()
     return 130 if summary["interrupted"] else 0
+
+
+def _load_init(source: str, overrides: dict):
+    """The model to fine-tune; its shape wins, and a shape flag that contradicts it is an error."""
+    from gpt2scratch import loading
+
+    init = loading.load(source)
+    for key, value in overrides.get("model", {}).items():
+        if key != "drop_rate" and getattr(init.config.model, key) != value:
+            raise UserError(
+                f"--init-from {source}: the model has {key}={getattr(init.config.model, key)}, the command line "
+                f"says {value}; the shape comes from the model (only --drop-rate may change)"
+            )
+    if "drop_rate" in overrides.get("model", {}):
+        model = dataclasses.replace(init.config.model, drop_rate=overrides["model"]["drop_rate"])
+        init.config = dataclasses.replace(init.config, model=model)
+    log.info(f"initialising from {init.source} ({init.model.num_params():,} parameters)")
+    return init
+
+
+def _check_same_tokenizer(model_tokenizer: Path, data_tokenizer: Path, source: str, data_dir: str) -> None:
+    from gpt2scratch.dataset.tokenizer import file_sha256
+
+    for name in ("vocab.json", "merges.txt"):
+        if file_sha256(model_tokenizer / name) != file_sha256(data_tokenizer / name):
+            raise UserError(
+                f"{data_dir} was tokenized with another tokenizer than {source} uses; prepare the data with the "
+                f"model's tokenizer (for GPT-2 models: gpt2scratch prepare ... --tokenizer gpt2)"
+            )
 
 
 def _resolve_data(config: Config, runtime) -> Config:
@@ -263,7 +302,13 @@ def _finish(trainer, run_dir: Path, summary: dict) -> None:
 
     t = trainer.config.training
     hf_dir = export_folder(
-        trainer.raw_model, trainer.data.tokenizer_dir(), run_dir / "hf", t.k_top, t.max_new_token, t.temperature
+        trainer.raw_model.state_dict(),
+        trainer.config.model,
+        trainer.data.tokenizer_dir(),
+        run_dir / "hf",
+        t.k_top,
+        t.max_new_token,
+        t.temperature,
     )
     nan = float("nan")
     print(
@@ -271,6 +316,90 @@ def _finish(trainer, run_dir: Path, summary: dict) -> None:
         f"val bits per byte {summary.get('val_bpb', nan):.4f}; checkpoints in {trainer.ckpt_root}; "
         f"Hugging Face folder {hf_dir} (GPT2LMHeadModel.from_pretrained({str(hf_dir)!r}))"
     )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# generate, export, import
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from gpt2scratch import loading
+    from gpt2scratch.generation import stream_text
+    from gpt2scratch.trainer import pick_device
+
+    device, _ = pick_device(args.device)
+    loaded = loading.load(args.model, device)
+    defaults = loaded.config.training
+    options = dict(
+        max_new_tokens=args.max_new_tokens if args.max_new_tokens is not None else defaults.max_new_token,
+        temperature=args.temperature if args.temperature is not None else defaults.temperature,
+        top_k=args.top_k if args.top_k is not None else defaults.k_top,
+        top_p=args.top_p,
+        stop=args.stop or (),
+    )
+    if options["temperature"] < 0 or not 0 < options["top_p"] <= 1 or options["top_k"] < 0:
+        raise UserError("--temperature must be >= 0, --top-p in (0, 1], --top-k >= 0")
+    if args.num_samples < 1:
+        raise UserError(f"--num-samples ({args.num_samples}) must be >= 1")
+    torch.set_grad_enabled(False)
+
+    def run(prompt: str, seed: int | None) -> None:
+        for sample in range(args.num_samples):
+            if args.num_samples > 1:
+                print(f"--- sample {sample + 1} ---")
+            print(prompt, end="", flush=True)
+            sample_seed = None if seed is None else seed + sample
+            for _, piece in stream_text(loaded.model, loaded.tokenizer, [prompt], seed=sample_seed, **options):
+                print(piece, end="", flush=True)
+            print()
+
+    if args.prompt is not None:
+        run(args.prompt, args.seed)
+        return 0
+    print(f"{loaded.source}: {loaded.model.num_params():,} parameters. Type a prompt; an empty line or Ctrl-D ends.")
+    while True:
+        try:
+            prompt = input("> ")
+        except EOFError:
+            print()
+            return 0
+        if not prompt:
+            return 0
+        run(prompt, args.seed)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from gpt2scratch import loading
+    from gpt2scratch.hf import export_folder
+
+    loaded = loading.load(args.checkpoint)
+    t = loaded.config.training
+    out = export_folder(
+        loaded.model.state_dict(),
+        loaded.config.model,
+        loaded.tokenizer_dir,
+        args.out,
+        t.k_top,
+        t.max_new_token,
+        t.temperature,
+    )
+    print(f"{loaded.source} -> {out} (load it with GPT2LMHeadModel.from_pretrained({str(out)!r}))")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from gpt2scratch import checkpoint, loading
+
+    loaded = loading.load(args.source)
+    state = {"step": 0, "config": loaded.config.to_dict(), "source": str(args.source)}
+    checkpoint.write_model_folder(args.out, loaded.model.state_dict(), state, loaded.tokenizer_dir)
+    print(
+        f"{args.source} -> {args.out}: {loaded.model.num_params():,} parameters, {loaded.config.model.n_layers} "
+        f"layers x {loaded.config.model.emb_dim}; generate with `gpt2scratch generate {args.out} --prompt ...`"
+    )
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -349,7 +478,55 @@ bit for bit. Several GPUs or nodes: torchrun --nproc_per_node=N -m gpt2scratch t
     train.add_argument("--out", metavar="DIR", help="run folder (same as --save-path)")
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run folder")
     train.add_argument("--overwrite", action="store_true", help="start over in a run folder that has checkpoints")
+    train.add_argument(
+        "--init-from",
+        metavar="SRC",
+        help="start from these weights (a checkpoint, a Hugging Face folder, or online a hub name like gpt2): "
+        "fine-tuning; the model shape comes from SRC",
+    )
     train.set_defaults(run=cmd_train)
+
+    gen = commands.add_parser(
+        "generate",
+        help="generate text from a model, streaming",
+        description="Print the prompt and its continuation as it is generated. MODEL: a training checkpoint, a "
+        "run folder (its latest checkpoint), a folder from `import` or `export`, a Hugging Face folder, or (online) "
+        "a hub name. Sampling defaults come from the checkpoint's config (the seed's: top-k 50, 50 new tokens). "
+        "Without --prompt it asks for prompts interactively.",
+    )
+    gen.add_argument("model", metavar="MODEL")
+    gen.add_argument("--prompt", help="the text to continue (empty: start from <|endoftext|>)")
+    gen.add_argument("--max-new-tokens", type=int, help="tokens to generate (default: the model's max_new_token)")
+    gen.add_argument("--temperature", type=float, help="0 = greedy (default: the model's, 1.0)")
+    gen.add_argument("--top-k", type=int, help="sample among the k likeliest (0 = off; default: the model's, 50)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
+    gen.add_argument("--stop", action="append", help="stop at this text (repeatable)")
+    gen.add_argument("--seed", type=int, help="seed for reproducible sampling")
+    gen.add_argument("--num-samples", type=int, default=1, help="how many continuations")
+    gen.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
+    gen.set_defaults(run=cmd_generate)
+
+    export = commands.add_parser(
+        "export",
+        help="write a Hugging Face folder (GPT2LMHeadModel + GPT2Tokenizer) from a checkpoint",
+        description="Write config.json, model.safetensors, generation_config.json and the tokenizer files into "
+        "--out, so that transformers' GPT2LMHeadModel.from_pretrained(DIR) and GPT2Tokenizer.from_pretrained(DIR) "
+        "load them (transformers 4.x and 5.x).",
+    )
+    export.add_argument("checkpoint", metavar="CKPT", help="a checkpoint or run folder")
+    export.add_argument("--out", required=True, metavar="DIR")
+    export.set_defaults(run=cmd_export)
+
+    imp = commands.add_parser(
+        "import",
+        help="convert a Hugging Face GPT-2 (folder or hub name) into this project's format",
+        description="Read a GPT-2 model from a Hugging Face folder or (online) a hub name such as gpt2, "
+        "gpt2-medium, gpt2-large, gpt2-xl, and write it to --out as a model folder that `generate`, `export` and "
+        "`train --init-from` take. The round trip ours -> Hugging Face -> ours is exact.",
+    )
+    imp.add_argument("source", metavar="SRC")
+    imp.add_argument("--out", required=True, metavar="DIR")
+    imp.set_defaults(run=cmd_import)
     return parser
 
 

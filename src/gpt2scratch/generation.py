@@ -1,15 +1,23 @@
-"""Text generation with a key/value cache: the prompt is processed once, then one token per forward pass.
+"""Text generation with a key/value cache: each prompt is processed once, then one token per forward pass.
 
 Sampling: temperature 0 is greedy; otherwise logits / temperature, then top-k, then top-p (nucleus), then a draw
-from a `torch.Generator` (so sampling never disturbs the global RNG that dropout uses in training).
+from a `torch.Generator` (so sampling never touches the global RNG that dropout uses in training).
 
-Context rule: when prompt + new tokens would exceed the model's context, the oldest tokens are cropped: the
-model keeps the last `context_length // 2` tokens, recomputes the cache from them, and goes on.
+Batches: prompts of different lengths are left-padded; the padding is masked out of attention and each row's
+positions start at 0 after its padding, so a row generates what it would generate alone.
+
+Context rule: a prompt longer than the model's context keeps its last `context_length` tokens. When prompt +
+new tokens reach the context, the oldest tokens are cropped: the model keeps the last `context_length // 2`
+tokens, recomputes the cache from them, and goes on (a recomputation every context_length // 2 tokens).
+
+Stopping: at <|endoftext|> (a row that has stopped yields no more text), at any of the stop strings, or after
+max_new_tokens.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import codecs
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -41,10 +49,22 @@ def sample_next(
     return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
+def _left_pad(prompts: Sequence[Sequence[int]], context: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, T) ids, each prompt cropped to its last `context` tokens and left-padded to the longest, and the
+    (B,) pad lengths (None when no row is padded)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (an empty text can start from <|endoftext|>)")
+    prompts = [list(p)[-context:] for p in prompts]
+    T = max(map(len, prompts))
+    idx = torch.tensor([[0] * (T - len(p)) + p for p in prompts], dtype=torch.long, device=device)
+    pad = torch.tensor([T - len(p) for p in prompts], dtype=torch.long, device=device)
+    return idx, (pad if bool(pad.any()) else None)
+
+
 @torch.no_grad()
 def stream_tokens(
     model: GPT,
-    idx: torch.Tensor,
+    prompts: Sequence[Sequence[int]] | torch.Tensor,
     max_new_tokens: int,
     temperature: float = 1.0,
     top_k: int = 50,
@@ -52,20 +72,20 @@ def stream_tokens(
     eot_id: int | None = None,
     generator: torch.Generator | None = None,
 ) -> Iterator[torch.Tensor]:
-    """Yield (B, 1) new token ids one at a time for prompts idx (B, T) of equal length.
+    """Yield (B, 1) new token ids, one step at a time, for B prompts (lists of ids, or a (B, T) tensor).
 
-    Rows that produced eot_id keep yielding eot_id; the iteration stops when every row has, or after
-    max_new_tokens.
+    A row that produced eot_id keeps yielding eot_id; iteration ends when every row has, or after max_new_tokens.
     """
-    if idx.dim() != 2 or idx.size(1) == 0:
-        raise ValueError("the prompt must be a (batch, time) tensor with at least one token")
+    device = model.lm_head.weight.device
+    context = model.config.context_length
+    if isinstance(prompts, torch.Tensor):
+        prompts = prompts.tolist()
+    history, pad = _left_pad(prompts, context, device)
     was_training = model.training
     model.eval()
-    context = model.config.context_length
-    history = idx
     caches = model.new_kv_caches()
-    logits, _ = model(history[:, -context:], caches=caches)
-    finished = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)
+    logits, _ = model(history, caches=caches, pad_lengths=pad)
+    finished = torch.zeros(history.size(0), 1, dtype=torch.bool, device=device)
     try:
         for _ in range(max_new_tokens):
             next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
@@ -77,15 +97,112 @@ def stream_tokens(
                 return
             history = torch.cat([history, next_id], dim=1)
             if caches[0].length >= context:  # full: crop to the last half of the context, recompute the cache
+                keep = context // 2
+                if pad is not None:
+                    pad = (pad - (history.size(1) - keep)).clamp(min=0)
+                    pad = pad if bool(pad.any()) else None
+                history = history[:, -keep:]
                 caches = model.new_kv_caches()
-                logits, _ = model(history[:, -(context // 2) :], caches=caches)
+                logits, _ = model(history, caches=caches, pad_lengths=pad)
             else:
-                logits, _ = model(next_id, caches=caches)
+                logits, _ = model(next_id, caches=caches, pad_lengths=pad)
     finally:
         model.train(was_training)
 
 
 def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, **sampling) -> torch.Tensor:
-    """Prompt idx (B, T) -> (B, T + n) with n <= max_new_tokens new tokens (see stream_tokens for options)."""
+    """Prompts idx (B, T) -> (B, T + n) with n <= max_new_tokens new tokens (options: see stream_tokens)."""
     new = list(stream_tokens(model, idx, max_new_tokens, **sampling))
-    return torch.cat([idx, *new], dim=1)
+    return torch.cat([idx.to(model.lm_head.weight.device), *new], dim=1)
+
+
+def generate_ids(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int, **sampling) -> list[list[int]]:
+    """New token ids for each prompt (different lengths allowed), without the prompt and without <|endoftext|>."""
+    steps = list(stream_tokens(model, prompts, max_new_tokens, **sampling))
+    if not steps:
+        return [[] for _ in prompts]
+    rows = torch.cat(steps, dim=1).tolist()
+    eot = sampling.get("eot_id")
+    return [row[: row.index(eot)] if eot is not None and eot in row else row for row in rows]
+
+
+class TextStream:
+    """Turns one row's new token ids into text as it is produced: UTF-8 safe (a character split across tokens
+    appears when complete), and cut at the first stop string (text that may begin one is held back)."""
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.pending = ""  # decoded, not yet released
+        self.text = ""  # released so far
+        self.stopped = False
+
+    def push(self, token_id: int) -> str:
+        """Feed one token; returns the text that can be shown now ("" if none)."""
+        if self.stopped:
+            return ""
+        self.pending += self.decoder.decode(self.tokenizer.decode_bytes([token_id]))
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        if self.stopped:
+            return ""
+        self.pending += self.decoder.decode(b"", final=True)
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        cut = min((i for i in (self.pending.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            out, self.pending, self.stopped = self.pending[:cut], "", True
+        elif final or not self.stop:
+            out, self.pending = self.pending, ""
+        else:
+            hold = max(len(s) for s in self.stop) - 1
+            out, self.pending = self.pending[: len(self.pending) - hold], self.pending[len(self.pending) - hold :]
+        self.text += out
+        return out
+
+
+def stream_text(
+    model: GPT,
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    stop: Sequence[str] = (),
+    seed: int | None = None,
+    **sampling,
+) -> Iterator[tuple[int, str]]:
+    """Yield (row, text) pieces of the completions of `prompts` as they are generated."""
+    device = model.lm_head.weight.device
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    ids = [tokenizer.encode(prompt) if prompt else [tokenizer.eot_id] for prompt in prompts]
+    streams = [TextStream(tokenizer, stop) for _ in prompts]
+    done = [False] * len(prompts)
+    for step in stream_tokens(model, ids, max_new_tokens, eot_id=tokenizer.eot_id, generator=generator, **sampling):
+        for row, token in enumerate(step[:, 0].tolist()):
+            if done[row]:
+                continue
+            if token == tokenizer.eot_id:
+                done[row] = True
+                piece = streams[row].finish()
+            else:
+                piece = streams[row].push(token)
+                done[row] = streams[row].stopped
+            if piece:
+                yield row, piece
+        if all(done):
+            return
+    for row, text_stream in enumerate(streams):
+        if piece := text_stream.finish():
+            yield row, piece
+
+
+def complete(model: GPT, tokenizer, prompts: Sequence[str], max_new_tokens: int, **options) -> list[str]:
+    """The completion (without the prompt) of each prompt; options as in stream_text."""
+    texts = [""] * len(prompts)
+    for row, piece in stream_text(model, tokenizer, prompts, max_new_tokens, **options):
+        texts[row] += piece
+    return texts

@@ -7,7 +7,8 @@ and that HF always has a qkv bias (zeros where our model has none). `transformer
 
 from __future__ import annotations
 
-import shutil
+import json
+import os
 from pathlib import Path
 
 import torch
@@ -115,39 +116,132 @@ def hf_model_from_gpt(model) -> transformers.GPT2LMHeadModel:  # noqa: F821
 
 
 def export_folder(
-    model,
+    model_state: dict[str, torch.Tensor],
+    config: GPTConfig,
     tokenizer_dir: str | Path,
     out_dir: str | Path,
     top_k: int = 50,
     max_new_tokens: int = 50,
     temperature: float = 1.0,
 ) -> Path:
-    """Write a folder that `GPT2LMHeadModel.from_pretrained` and `GPT2Tokenizer.from_pretrained` load.
+    """Write a folder that transformers' `GPT2LMHeadModel.from_pretrained` and `GPT2Tokenizer.from_pretrained`
+    load (4.x and 5.x): the files of OpenAI's `gpt2` hub folder, written here without transformers.
 
-    config.json + model.safetensors (via transformers, so the format is the one it reads), generation_config.json
-    with the run's sampling defaults, and the tokenizer both as vocab.json + merges.txt (what transformers 4.x's
-    slow GPT2Tokenizer reads) and as tokenizer.json + tokenizer_config.json.
+    config.json, model.safetensors (Conv1D weights transposed; zero qkv biases if the model has none),
+    generation_config.json (sampling defaults), vocab.json + merges.txt (what the slow GPT2Tokenizer of 4.x
+    reads), tokenizer.json + tokenizer_config.json (the fast tokenizer).
     """
-    from transformers import GenerationConfig, GPT2TokenizerFast
+    from safetensors.torch import save_file
+
+    from gpt2scratch.dataset.tokenizer import EOT, Tokenizer
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    hf = hf_model_from_gpt(model)
-    tokenizer = GPT2TokenizerFast.from_pretrained(str(tokenizer_dir))
-    eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    hf.config.bos_token_id = hf.config.eos_token_id = eot
-    hf.generation_config = GenerationConfig(
-        do_sample=True,
-        top_k=top_k,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature if temperature > 0 else 1.0,
-        bos_token_id=eot,
-        eos_token_id=eot,
-        pad_token_id=eot,
-    )
-    hf.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.model_max_length = model.config.context_length
-    tokenizer.save_pretrained(out_dir)
-    for name in ("vocab.json", "merges.txt"):
-        shutil.copyfile(Path(tokenizer_dir) / name, out_dir / name)
+    tokenizer = Tokenizer(tokenizer_dir)
+    eot = tokenizer.eot_id
+    hf_config = {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        **hf_config_dict(config),
+        "n_ctx": config.context_length,
+        "scale_attn_weights": True,
+        "use_cache": True,
+        "bos_token_id": eot,
+        "eos_token_id": eot,
+        "torch_dtype": "float32",
+        # What GPT2Config cannot say; read back by `import`, ignored by transformers.
+        "gpt2scratch": {"qkv_bias": config.qkv_bias},
+    }
+    _write_json(out_dir / "config.json", hf_config)
+    tensors = {k: v.float() for k, v in to_hf_state_dict(model_state, config).items()}
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    generation = {
+        "do_sample": True,
+        "top_k": top_k,
+        "max_new_tokens": max_new_tokens,
+        "temperature": temperature if temperature > 0 else 1.0,
+        "bos_token_id": eot,
+        "eos_token_id": eot,
+        "pad_token_id": eot,
+    }
+    _write_json(out_dir / "generation_config.json", generation)
+    tokenizer.save(out_dir)
+    tokenizer.hf_tokenizer().save(str(out_dir / "tokenizer.json"))
+    tokenizer_config = {
+        "tokenizer_class": "GPT2Tokenizer",
+        "bos_token": EOT,
+        "eos_token": EOT,
+        "unk_token": EOT,
+        "add_prefix_space": False,
+        "add_bos_token": False,
+        "errors": "replace",
+        "model_max_length": config.context_length,
+        "clean_up_tokenization_spaces": False,
+    }
+    _write_json(out_dir / "tokenizer_config.json", tokenizer_config)
     return out_dir
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def is_hf_folder(path: str | Path) -> bool:
+    return (Path(path) / "config.json").is_file() and any(
+        (Path(path) / name).is_file() for name in (*WEIGHT_FILES, "model.safetensors.index.json")
+    )
+
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def load_folder(path: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
+    """A Hugging Face GPT-2 folder -> (our config, our state dict). Weights are read with safetensors, or with
+    torch.load(weights_only=True) for an old pytorch_model.bin: nothing in the folder is executed."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        hf_config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path / 'config.json'} cannot be read ({error})") from None
+    if hf_config.get("model_type", "gpt2") != "gpt2":
+        raise ValueError(f"{path} holds a {hf_config.get('model_type')!r} model; only GPT-2 models can be loaded")
+    config = config_from_hf(hf_config)
+    ours = hf_config.get("gpt2scratch", {})
+    if "qkv_bias" in ours:
+        config = GPTConfig(**{**config.__dict__, "qkv_bias": bool(ours["qkv_bias"])})
+    if (path / "model.safetensors").is_file():
+        hf_state = load_file(str(path / "model.safetensors"))
+    elif (path / "model.safetensors.index.json").is_file():
+        index = json.loads((path / "model.safetensors.index.json").read_text(encoding="utf-8"))
+        hf_state = {}
+        for shard in sorted(set(index["weight_map"].values())):
+            hf_state.update(load_file(str(path / shard)))
+    elif (path / "pytorch_model.bin").is_file():
+        hf_state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise ValueError(f"{path} has no model.safetensors or pytorch_model.bin")
+    return config, from_hf_state_dict({k: v.float() for k, v in hf_state.items()}, config)
+
+
+HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "vocab.json", "merges.txt", "*.txt"]
+
+
+def download(name: str) -> Path:
+    """A hub model (e.g. `gpt2`, `gpt2-medium`, `openai-community/gpt2-xl`) into the local HF cache; offline,
+    a clear error at once."""
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise ValueError(f"{name} is not a local folder, and HF_HUB_OFFLINE is set: cannot download it")
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=5).close()
+    except OSError as error:
+        raise ValueError(
+            f"{name} is not a local folder, and the Hugging Face hub cannot be reached to download it ({error}); "
+            "are you offline? Pass a folder that holds config.json and model.safetensors instead"
+        ) from None
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(name, allow_patterns=HUB_FILES))

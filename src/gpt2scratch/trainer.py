@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import signal
+import statistics
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -45,8 +46,25 @@ MAX_BAD_STEPS = 5  # consecutive non-finite losses before the run stops
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "B200": 2250e12, "A100": 312e12, "L40": 181e12, "A10": 125e12}
 
 
+REFIT_STEP = 100  # with --time-budget, max_steps is fitted again from the step times measured up to here
+
+
 class TrainingError(RuntimeError):
     """The run cannot go on (diverged, out of memory); the message says what to change."""
+
+
+@dataclass
+class Budget:
+    """A wall-clock budget (--time-budget): when it ends, and what one evaluation costs."""
+
+    deadline: float  # time.perf_counter() value
+    eval_seconds: float
+
+    def steps_left(self, step_seconds: float, eval_every: int, now: float) -> int:
+        seconds = self.deadline - now
+        steps = seconds / step_seconds
+        n_evals = 1 + (int(steps) // eval_every if eval_every else 0)
+        return max(1, int((seconds - n_evals * self.eval_seconds) / step_seconds))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -169,7 +187,15 @@ def configure_optimizer(model: torch.nn.Module, training: TrainingConfig, device
 
 
 class Trainer:
-    def __init__(self, config: Config, run_dir: str | Path, runtime: Runtime, data: DataModule, resume: bool = False):
+    def __init__(
+        self,
+        config: Config,
+        run_dir: str | Path,
+        runtime: Runtime,
+        data: DataModule,
+        resume: bool = False,
+        init_weights: dict[str, torch.Tensor] | None = None,
+    ):
         self.config, self.runtime, self.data = config, runtime, data
         self.run_dir = Path(run_dir)
         self.ckpt_root = self.run_dir / checkpoint.CKPT_DIR
@@ -189,6 +215,8 @@ class Trainer:
 
         torch.manual_seed(t.seed)  # the same initial weights on every rank
         self.raw_model = GPT(config.model).to(runtime.device)
+        if init_weights is not None:  # fine-tuning: start from these weights (a tied head follows wte)
+            self.raw_model.load_state_dict(init_weights)
         if t.fsdp:
             if not runtime.distributed:
                 raise ValueError("--fsdp shards the model across ranks: launch with torchrun --nproc_per_node=N")
@@ -215,6 +243,8 @@ class Trainer:
         self.model = self._wrap(self.raw_model)
         self._stop_requested = False
         self._tensorboard = None
+        self.budget: Budget | None = None  # set by fit_steps_to_budget
+        self._step_seconds: list[float] = []
 
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.runtime.compile:
@@ -248,6 +278,9 @@ class Trainer:
                     refresh=False,
                 )
                 self._write_metrics(record)
+                self._step_seconds.append(record["dt_ms"] / 1000)
+                if self.budget is not None and self.step == REFIT_STEP:
+                    t = self._refit_budget(progress)
                 if self.step % t.log_every == 0 or self.step == 1:
                     self._print(progress, self._format(record))
                 last = self.step == t.max_steps
@@ -279,6 +312,24 @@ class Trainer:
     def _print(self, progress, text: str) -> None:
         if self.runtime.is_main:
             progress.write(text)
+
+    def _refit_budget(self, progress) -> TrainingConfig:
+        """Fit max_steps to the time left, from the median step time so far (the calibration is short)."""
+        t = self.config.training
+        step_seconds = statistics.median(self._step_seconds[5:] or self._step_seconds)
+        steps = self.step + self.budget.steps_left(step_seconds, t.eval_every, time.perf_counter())
+        steps = max(steps, t.warmup_steps, self.step + 1)
+        if self.runtime.distributed:  # every rank must stop at the same step
+            value = torch.tensor([steps], device=self.runtime.device)
+            dist.all_reduce(value, op=dist.ReduceOp.MIN)
+            steps = int(value.item())
+        self._print(
+            progress, f"time budget: {step_seconds * 1000:.0f} ms/step so far; max_steps {t.max_steps} -> {steps}"
+        )
+        self.config = replace(self.config, training=replace(t, max_steps=steps))
+        progress.total = steps
+        progress.refresh()
+        return self.config.training
 
     def _should_stop(self) -> bool:
         """Ctrl-C on any rank stops every rank at the same step (else the others would wait in a collective)."""
@@ -492,7 +543,9 @@ class Trainer:
                 "world_size": self.runtime.world_size,
                 "history": self.history,
             }
-            path = checkpoint.save(self.ckpt_root, self.step, model_state, optimizer_state, rng_states, state)
+            path = checkpoint.save(
+                self.ckpt_root, self.step, model_state, optimizer_state, rng_states, state, self.data.tokenizer_dir()
+            )
             keep = {self.best_step} if self.best_step is not None else set()
             checkpoint.prune(self.ckpt_root, self.config.training.keep_last, keep)
             log.debug(f"saved {path}")
@@ -634,12 +687,12 @@ def _tensorboard_writer(run_dir: Path):
     return SummaryWriter(str(run_dir / "tensorboard"))
 
 
-def fit_steps_to_budget(trainer: Trainer, minutes: float, calibration_steps: int = 3) -> TrainingConfig:
+def fit_steps_to_budget(trainer: Trainer, minutes: float, calibration_steps: int = 5) -> TrainingConfig:
     """max_steps (and warm-up, in proportion) such that training fits `minutes` of wall time.
 
-    Times `calibration_steps` real steps after one warm-up step, then puts model, optimizer, loader and RNG
-    back as they were, so the run itself is not changed by the measurement. Evaluation time is estimated
-    from one evaluation and subtracted.
+    Times `calibration_steps` real steps (median) after two warm-up steps, and one evaluation, then puts model,
+    optimizer, loader and RNG back as they were, so the run itself is not changed by the measurement. The
+    trainer re-fits max_steps once, at step REFIT_STEP, from the step times it has seen by then.
     """
     import copy
 
@@ -647,11 +700,10 @@ def fit_steps_to_budget(trainer: Trainer, minutes: float, calibration_steps: int
     model_state = copy.deepcopy(trainer.raw_model.state_dict())
     optimizer_state = copy.deepcopy(trainer.optimizer.state_dict())
     loader_state, rng_state = trainer.loader.state_dict(), torch.get_rng_state()
-    trainer._train_step()  # warm-up (allocations, compile)
-    started = time.perf_counter()
-    for _ in range(calibration_steps):
+    budget_started = time.perf_counter()
+    for _ in range(2):  # warm-up: allocations, kernel selection, compilation
         trainer._train_step()
-    step_seconds = (time.perf_counter() - started) / calibration_steps
+    step_seconds = statistics.median(trainer._train_step()["dt_ms"] / 1000 for _ in range(calibration_steps))
     started = time.perf_counter()
     trainer.evaluate()
     eval_seconds = time.perf_counter() - started
@@ -659,10 +711,12 @@ def fit_steps_to_budget(trainer: Trainer, minutes: float, calibration_steps: int
     trainer.optimizer.load_state_dict(optimizer_state)
     trainer.loader.load_state_dict(loader_state)
     torch.set_rng_state(rng_state)
-    budget = minutes * 60
-    steps = max(1, int(budget / step_seconds))
-    n_evals = 1 + (steps // t.eval_every if t.eval_every else 0)
-    steps = max(1, int((budget - n_evals * eval_seconds) / step_seconds))
+    trainer.budget = Budget(deadline=budget_started + minutes * 60, eval_seconds=eval_seconds)
+    steps = trainer.budget.steps_left(step_seconds, t.eval_every, time.perf_counter())
+    if trainer.runtime.distributed:  # every rank must run the same number of steps
+        value = torch.tensor([steps], device=trainer.runtime.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+        steps = int(value.item())
     warmup = min(t.warmup_steps, max(0, round(steps * t.warmup_steps / t.max_steps)))
     log.info(
         f"time budget {minutes:g} min: {step_seconds * 1000:.0f} ms/step, {eval_seconds:.1f} s/eval -> "

@@ -103,12 +103,17 @@ class Tokenizer:
             for i in map(int, ids)
         )
 
+    def hf_tokenizer(self):
+        """This tokenizer as a Hugging Face `tokenizers.Tokenizer` (e.g. to write tokenizer.json)."""
+        return _hf_tokenizer(str(self.directory / "vocab.json"), str(self.directory / "merges.txt"))
+
     def save(self, directory: str | Path) -> None:
         """Copy vocab.json and merges.txt into `directory` (the format transformers' GPT2Tokenizer reads)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         for name in ("vocab.json", "merges.txt"):
-            shutil.copyfile(self.directory / name, directory / name)
+            if (directory / name).resolve() != (self.directory / name).resolve():
+                shutil.copyfile(self.directory / name, directory / name)
 
 
 @lru_cache(maxsize=1)
@@ -129,10 +134,11 @@ def _gpt2_tiktoken(vocab_file: str):
 
 @lru_cache(maxsize=4)
 def _hf_tokenizer(vocab_file: str, merges_file: str):
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
     tokenizer = Tokenizer(models.BPE.from_file(vocab_file, merges_file))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     tokenizer.add_special_tokens([AddedToken(EOT, special=True)])
     return tokenizer

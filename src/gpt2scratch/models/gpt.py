@@ -59,20 +59,25 @@ class GPT(nn.Module):
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         caches: list[KVCache] | None = None,
+        pad_lengths: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx: (B, T) token ids -> (logits (B, T, vocab_size), mean cross-entropy over targets or None).
 
         targets: (B, T), already shifted (targets[:, t] is the token after idx[:, t]); IGNORE_INDEX is skipped.
         caches: one KVCache per layer for incremental decoding; positions continue after what they hold.
+        pad_lengths: (B,) for a batch of prompts of different lengths, left-padded: row b's first pad_lengths[b]
+            tokens are padding, masked out of attention, and its positions start at 0 after them.
         """
         past = caches[0].length if caches else 0
         if not torch.compiler.is_compiling():
             self._check_input(idx, past)
         B, T = idx.size()
         pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)  # (T,)
+        if pad_lengths is not None:
+            pos = (pos[None, :] - pad_lengths[:, None]).clamp(min=0)  # (B, T)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, cache=caches[i] if caches else None)
+            x = block(x, cache=caches[i] if caches else None, pad_lengths=pad_lengths)
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)  # (B, T, vocab_size)
         loss = None

@@ -59,7 +59,10 @@ class MultiHeadSelfAttention(nn.Module):
         self.attn_dropout = nn.Dropout(config.drop_rate)
         self.resid_dropout = nn.Dropout(config.drop_rate)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, pad_lengths: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C). pad_lengths (B,): rows left-padded by that many tokens, which no query sees."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.emb_dim, dim=2)
         q = q.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)  # (B, nh, T, hs)
@@ -69,16 +72,19 @@ class MultiHeadSelfAttention(nn.Module):
         if cache is not None:
             past = cache.length
             k, v = cache.update(k, v)  # (B, nh, past + T, hs)
+        mask = None if pad_lengths is None else _padded_causal_mask(T, past, pad_lengths)
         if self.attn_impl == "sdpa":
-            y = self._sdpa(q, k, v, past)
+            y = self._sdpa(q, k, v, past, mask)
         else:
-            y = self._reference(q, k, v, past)
+            y = self._reference(q, k, v, past, mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
-    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -> torch.Tensor:
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int, mask: torch.Tensor | None):
         dropout_p = self.drop_rate if self.training else 0.0
         T = q.size(2)
+        if mask is not None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         if past == 0:
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         if T == 1:  # one new query attends to every cached key: no mask needed
@@ -87,10 +93,11 @@ class MultiHeadSelfAttention(nn.Module):
         mask = _causal_mask(T, past, q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
-    def _reference(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -> torch.Tensor:
+    def _reference(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int, mask: torch.Tensor | None):
         T = q.size(2)
         att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, past + T)
-        att = att.masked_fill(~_causal_mask(T, past, q.device), float("-inf"))
+        mask = _causal_mask(T, past, q.device) if mask is None else mask
+        att = att.masked_fill(~mask, float("-inf"))
         att = F.softmax(att, dim=-1)
         att = self.attn_dropout(att)
         return att @ v  # (B, nh, T, hs)
@@ -99,3 +106,12 @@ class MultiHeadSelfAttention(nn.Module):
 def _causal_mask(T: int, past: int, device) -> torch.Tensor:
     """(T, past + T) booleans: query i (at position past + i) may see keys 0 .. past + i."""
     return torch.ones(T, past + T, dtype=torch.bool, device=device).tril(diagonal=past)
+
+
+def _padded_causal_mask(T: int, past: int, pad_lengths: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, past + T): causal, and no query sees its row's left padding. A padding position may see itself,
+    so that no softmax row is empty (its output is never used)."""
+    keys = torch.arange(past + T, device=pad_lengths.device)  # (past + T,)
+    queries = keys[past:, None]  # (T, 1): absolute positions of the new tokens
+    visible = (keys[None, :] <= queries) & (keys[None, None, :] >= pad_lengths[:, None, None])  # (B, T, past + T)
+    return (visible | (keys[None, :] == queries)).unsqueeze(1)

@@ -17,8 +17,10 @@ class TransformerBlock(nn.Module):
         self.ln_2 = LayerNorm(config.emb_dim)
         self.mlp = FeedForward(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, pad_lengths: torch.Tensor | None = None
+    ) -> torch.Tensor:
         # Pre-LN (GPT-2): normalise the input of each sub-layer, not the residual stream itself.
-        x = x + self.attn(self.ln_1(x), cache=cache)
+        x = x + self.attn(self.ln_1(x), cache=cache, pad_lengths=pad_lengths)
         x = x + self.mlp(self.ln_2(x))
         return x
