@@ -23,6 +23,7 @@ test-fast: install  ## the quick tests only (no `slow` or `distributed` marker),
 
 bench: install  ## the benchmark scripts (they print figures beside a reference; no assertions)
 	$(BIN)/python bench/prepare_throughput.py
+	$(BIN)/python bench/generate_speed.py
 
 lint: install
 	$(BIN)/ruff check .

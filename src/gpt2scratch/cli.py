@@ -174,7 +174,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.out:
         overrides.setdefault("training", {})["save_path"] = args.out
     preset = args.preset
-    if preset == "auto":
+    if preset == "auto" and args.init_from:  # fine-tuning: the shape is the model's, the recipe the seed's
+        preset = None
+    elif preset == "auto":
         device, _ = pick_device(overrides.get("training", {}).get("device", "auto"))
         preset = None if device.type == "cuda" else "cpu"
     config = resolve_config(preset, args.config, overrides)

@@ -62,6 +62,7 @@ def load(path_or_name: str, device: str | torch.device = "cpu") -> LoadedModel:
         config = Config(model=model_config, training=TrainingConfig())
         tokenizer_dir = source
     tokenizer = Tokenizer(tokenizer_dir)
+    tokenizer_dir = tokenizer.directory  # vocab.json + merges.txt (made from tokenizer.json if need be)
     if tokenizer.vocab_size > config.model.vocab_size:
         raise ValueError(
             f"the tokenizer in {tokenizer_dir} has {tokenizer.vocab_size} tokens, more than the model's "

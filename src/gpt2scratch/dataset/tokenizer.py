@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import tempfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -48,10 +49,15 @@ class Tokenizer:
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
         vocab_file, merges_file = self.directory / "vocab.json", self.directory / "merges.txt"
+        if not vocab_file.is_file() and (self.directory / "tokenizer.json").is_file():
+            # A folder saved by transformers 5 has only tokenizer.json: read vocab and merges out of it.
+            self.directory = materialize(self.directory, Path(tempfile.mkdtemp(prefix="gpt2scratch-tokenizer-")))
+            vocab_file, merges_file = self.directory / "vocab.json", self.directory / "merges.txt"
         for path in (vocab_file, merges_file):
             if not path.is_file():
                 raise FileNotFoundError(
-                    f"tokenizer file {path} is missing (a tokenizer folder has vocab.json and merges.txt)"
+                    f"tokenizer file {path} is missing (a tokenizer folder has vocab.json and merges.txt, "
+                    "or a Hugging Face tokenizer.json)"
                 )
         self.vocab: dict[str, int] = json.loads(vocab_file.read_text(encoding="utf-8"))
         if EOT not in self.vocab:
@@ -114,6 +120,29 @@ class Tokenizer:
         for name in ("vocab.json", "merges.txt"):
             if (directory / name).resolve() != (self.directory / name).resolve():
                 shutil.copyfile(self.directory / name, directory / name)
+
+
+def materialize(source: Path, target: Path) -> Path:
+    """Write vocab.json + merges.txt into `target` from `source`'s Hugging Face tokenizer.json (a byte-level
+    BPE); GPT-2's own vocabulary gets OpenAI's files, byte for byte."""
+    data = json.loads((source / "tokenizer.json").read_text(encoding="utf-8"))
+    model = data.get("model", {})
+    if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+        raise ValueError(f"{source / 'tokenizer.json'} is not a byte-level BPE tokenizer (GPT-2 style)")
+    vocab = dict(model["vocab"])
+    for added in data.get("added_tokens", []):
+        vocab.setdefault(added["content"], added["id"])
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    target.mkdir(parents=True, exist_ok=True)
+    gpt2_vocab = json.loads((GPT2_DIR / "vocab.json").read_text(encoding="utf-8"))
+    gpt2_merges = [m for m in (GPT2_DIR / "merges.txt").read_text(encoding="utf-8").splitlines()[1:] if m]
+    if vocab == gpt2_vocab and merges == gpt2_merges:
+        for name in ("vocab.json", "merges.txt"):
+            shutil.copyfile(GPT2_DIR / name, target / name)
+        return target
+    (target / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (target / "merges.txt").write_text("#version: 0.2\n" + "".join(m + "\n" for m in merges), encoding="utf-8")
+    return target
 
 
 @lru_cache(maxsize=1)

@@ -69,8 +69,10 @@ class GPT(nn.Module):
             tokens are padding, masked out of attention, and its positions start at 0 after them.
         """
         past = caches[0].length if caches else 0
-        if not torch.compiler.is_compiling():
+        if past == 0 and not torch.compiler.is_compiling():  # later decoding steps feed back the model's own ids
             self._check_input(idx, past)
+        elif past + idx.size(1) > self.config.context_length:
+            raise ValueError(f"the KV cache holds {past} tokens; {idx.size(1)} more exceed the context length")
         B, T = idx.size()
         pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)  # (T,)
         if pad_lengths is not None:

@@ -1,0 +1,142 @@
+"""Generation against references: full recomputation, argmax, transformers' generate(), one prompt at a time."""
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from conftest import tiny_config
+from gpt2scratch.dataset.tokenizer import Tokenizer
+from gpt2scratch.generation import TextStream, complete, generate_ids, sample_next, stream_tokens
+from gpt2scratch.hf import hf_model_from_gpt
+from gpt2scratch.models import GPT
+
+
+def model_and_prompts(context_length=32, vocab_size=101):
+    model = GPT(tiny_config(context_length=context_length, vocab_size=vocab_size)).eval()
+    prompts = [[5, 17, 3, 99, 42, 8, 1], [64, 2], [7, 7, 7, 7, 7, 7, 7, 7, 7, 13, 21], [50]]
+    return model, prompts
+
+
+def test_cached_logits_equal_full_recomputation_at_every_step():
+    """Failure means the KV cache (or the positions it implies) diverges from what the model computes."""
+    model, prompts = model_and_prompts()
+    history = torch.tensor([prompts[0]])
+    caches = model.new_kv_caches()
+    with torch.no_grad():
+        logits, _ = model(history, caches=caches)
+        for _ in range(20):
+            full, _ = model(history)
+            assert_close(logits[:, -1], full[:, -1], rtol=1e-5, atol=1e-5)
+            next_id = logits[:, -1].argmax(-1, keepdim=True)
+            history = torch.cat([history, next_id], dim=1)
+            logits, _ = model(next_id, caches=caches)
+
+
+def test_greedy_is_argmax_and_top_k_1_is_greedy():
+    model, prompts = model_and_prompts()
+    greedy = generate_ids(model, [prompts[0]], 15, temperature=0)[0]
+    generator = torch.Generator().manual_seed(0)
+    top1 = generate_ids(model, [prompts[0]], 15, temperature=1.3, top_k=1, generator=generator)[0]
+    assert greedy == top1
+    history = list(prompts[0])
+    with torch.no_grad():
+        for token in greedy:
+            assert token == model(torch.tensor([history]))[0][0, -1].argmax().item()
+            history.append(token)
+
+
+def test_greedy_ids_equal_transformers_generate():
+    """Our greedy tokens equal transformers' greedy generate() on the same (random, tiny) weights."""
+    model, prompts = model_and_prompts()
+    hf = hf_model_from_gpt(model)
+    for prompt in prompts:
+        theirs = hf.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=20,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        )[0, len(prompt) :].tolist()
+        assert generate_ids(model, [prompt], 20, temperature=0) == [theirs]
+
+
+def test_batched_generation_equals_one_by_one():
+    """Prompts of different lengths, left-padded in one batch, generate what each generates alone."""
+    model, prompts = model_and_prompts()
+    batched = generate_ids(model, prompts, 12, temperature=0)
+    assert batched == [generate_ids(model, [p], 12, temperature=0)[0] for p in prompts]
+    # and a padded row sees the same logits as the prompt alone, not only the same argmax
+    T = max(map(len, prompts))
+    idx = torch.tensor([[0] * (T - len(p)) + p for p in prompts])
+    pad = torch.tensor([T - len(p) for p in prompts])
+    with torch.no_grad():
+        padded, _ = model(idx, pad_lengths=pad)
+        for row, prompt in enumerate(prompts):
+            alone, _ = model(torch.tensor([prompt]))
+            assert_close(padded[row, T - len(prompt) :], alone[0], rtol=1e-5, atol=1e-5)
+    assert torch.cat(list(stream_tokens(model, prompts, 1, temperature=0)), 1)[:, 0].tolist() == [r[0] for r in batched]
+
+
+def test_sampling_is_reproducible_with_a_seed():
+    model, prompts = model_and_prompts()
+    sample = lambda seed: generate_ids(model, prompts, 10, generator=torch.Generator().manual_seed(seed))  # noqa: E731
+    assert sample(3) == sample(3)
+    assert sample(3) != sample(4)
+
+
+def test_top_p_keeps_at_least_one_token_and_filters_the_tail():
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, -3.0]])
+    for _ in range(20):
+        assert sample_next(logits, top_p=1e-9).item() == 0  # only the most likely survives
+    allowed = {sample_next(logits, top_p=0.8, generator=torch.Generator().manual_seed(s)).item() for s in range(200)}
+    # softmax: [0.61, 0.22, 0.14, 0.02, 0.003]: 0.61 < 0.8 so token 1 stays; 0.83 >= 0.8 so token 2 goes
+    assert allowed == {0, 1}
+    allowed = {sample_next(logits, top_k=3, generator=torch.Generator().manual_seed(s)).item() for s in range(300)}
+    assert allowed == {0, 1, 2}
+
+
+def test_a_prompt_longer_than_the_context_follows_the_crop_rule():
+    """Prompt cropped to its last context_length tokens; when the context fills, keep the last half and recompute."""
+    model, _ = model_and_prompts(context_length=16)
+    prompt = [(7 * i) % 101 for i in range(40)]
+    ours = generate_ids(model, [prompt], 40, temperature=0)[0]
+    history, start = prompt[-16:], 0  # the stated rule, written out without a cache
+    expected = []
+    with torch.no_grad():
+        for _ in range(40):
+            token = model(torch.tensor([history[start:]]))[0][0, -1].argmax().item()
+            expected.append(token)
+            history.append(token)
+            if len(history) - 1 - start >= 16:
+                start = len(history) - 8
+    assert ours == expected
+    assert len(ours) == 40  # no error from inside torch, however long the text gets
+
+
+def test_text_stream_is_utf8_safe_and_stops_at_stop_strings():
+    tokenizer = Tokenizer.gpt2()
+    ids = tokenizer.encode("party 🎉 time. THE END and more")
+    stream = TextStream(tokenizer, stop=["THE END"])
+    pieces = [stream.push(i) for i in ids] + [stream.finish()]
+    assert "".join(pieces) == "party 🎉 time. "
+    assert all("\ufffd" not in piece for piece in pieces)
+    assert stream.stopped
+
+
+def test_complete_stops_at_end_of_text_and_stop_strings():
+    model, _ = model_and_prompts(vocab_size=50257)
+    tokenizer = Tokenizer.gpt2()
+    free = complete(model, tokenizer, ["Hello", "A longer prompt here"], 25, temperature=0)
+    assert len(free) == 2 and all(isinstance(text, str) for text in free)
+    for row, text in enumerate(free):
+        if len(text) > 3:
+            stop = text[2:4]
+            cut = complete(model, tokenizer, [["Hello", "A longer prompt here"][row]], 25, temperature=0, stop=[stop])
+            assert cut[0] == text[: text.find(stop)]
+
+
+def test_empty_prompt_is_an_error():
+    model, _ = model_and_prompts()
+    with pytest.raises(ValueError, match="every prompt needs at least one token"):
+        generate_ids(model, [[]], 5)
