@@ -331,3 +331,21 @@ def test_ctrl_c_saves_a_checkpoint_and_exits(data_dir, tmp_path):
     latest = checkpoint.latest(tmp_path / "ckpt")
     assert latest is not None and checkpoint.read_state(latest).step >= 5
     assert "Traceback" not in stderr
+
+
+@pytest.mark.distributed
+def test_torchrun_fsdp_two_processes_equal_one(data_dir, tmp_path):
+    """--fsdp (FSDP2, gloo on CPU) trains to the same per-step losses as one process, and resumes."""
+    args = ["--preset", "tiny", "--max-steps", "6", "--eval-every", "3", "--save-every", "3", "--batch-size", "2"]
+    args += ["--tokens-per-step", "512", "--warmup-steps", "2", "--data-dir", str(data_dir), "--precision", "fp32"]
+    one = run_cli("train", *args, "--out", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command = [*torchrun, "-m", "gpt2scratch", "train", *args, "--fsdp", "--out", str(tmp_path / "fsdp")]
+    two = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = metrics(tmp_path / "one"), metrics(tmp_path / "fsdp")
+    assert all(math.isclose(a[s], b[s], abs_tol=1e-5) for s in a), (a, b)
+    weights = checkpoint.load_model_state(checkpoint.latest(tmp_path / "fsdp" / "ckpt"))  # full, unsharded
+    assert weights["transformer.wte.weight"].shape == (512, 64)

@@ -128,7 +128,8 @@ def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     head, wte = state.get("lm_head.weight"), state.get("transformer.wte.weight")
     if head is not None and wte is not None and head.data_ptr() == wte.data_ptr():
         del state["lm_head.weight"]
-    return {key: value.contiguous() for key, value in state.items()}
+    # A copy with storage of its own: what FSDP's full state dict returns may not expose its storage.
+    return {key: value.detach().to("cpu", copy=True).contiguous() for key, value in state.items()}
 
 
 def load_model_state(path: str | Path) -> dict[str, torch.Tensor]:

@@ -226,8 +226,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                 config, training=fit_steps_to_budget(trainer, config.training.time_budget)
             )
         summary = trainer.fit()
-        if runtime.is_main and not summary["interrupted"]:
-            _finish(trainer, run_dir, summary)
+        if not summary["interrupted"]:
+            model_state = trainer.full_model_state()  # every rank takes part (FSDP gathers the shards)
+            if runtime.is_main:
+                _finish(trainer, model_state, run_dir, summary)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -299,12 +301,12 @@ def _fit_vocabulary(config: Config, data_vocab: int, explicit: bool) -> Config:
     return dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=data_vocab))
 
 
-def _finish(trainer, run_dir: Path, summary: dict) -> None:
+def _finish(trainer, model_state: dict, run_dir: Path, summary: dict) -> None:
     from gpt2scratch.hf import export_folder
 
     t = trainer.config.training
     hf_dir = export_folder(
-        trainer.raw_model.state_dict(),
+        model_state,
         trainer.config.model,
         trainer.data.tokenizer_dir(),
         run_dir / "hf",

@@ -513,15 +513,17 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------------------------
     # Checkpoints.
 
+    def full_model_state(self) -> dict[str, torch.Tensor]:
+        """The whole model's weights on the CPU, unwrapped (a collective under FSDP: call it on every rank)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.raw_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
     def save_checkpoint(self, val_loss: float | None) -> None:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-            get_optimizer_state_dict,
-        )
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model_state = get_model_state_dict(self.raw_model, options=options)  # collective under FSDP
+        model_state = self.full_model_state()
         optimizer_state = get_optimizer_state_dict(self.raw_model, self.optimizer, options=options)
         if self.scaler is not None:
             optimizer_state = {**optimizer_state, "grad_scaler": self.scaler.state_dict()}
