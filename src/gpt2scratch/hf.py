@@ -8,7 +8,6 @@ and that HF always has a qkv bias (zeros where our model has none). `transformer
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -231,17 +230,14 @@ HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "vo
 def download(name: str) -> Path:
     """A hub model (e.g. `gpt2`, `gpt2-medium`, `openai-community/gpt2-xl`) into the local HF cache; offline,
     a clear error at once."""
-    import socket
+    from gpt2scratch.hub import unreachable_reason
 
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise ValueError(f"{name} is not a local folder, and HF_HUB_OFFLINE is set: cannot download it")
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=5).close()
-    except OSError as error:
+    reason = unreachable_reason()
+    if reason is not None:
         raise ValueError(
-            f"{name} is not a local folder, and the Hugging Face hub cannot be reached to download it ({error}); "
-            "are you offline? Pass a folder that holds config.json and model.safetensors instead"
-        ) from None
+            f"{name} is not a local folder, and {reason}: it cannot be downloaded. Pass a folder that holds "
+            "config.json and model.safetensors instead"
+        )
     from huggingface_hub import snapshot_download
 
     return Path(snapshot_download(name, allow_patterns=HUB_FILES))

@@ -26,7 +26,6 @@ import os
 import random
 import re
 import shutil
-import socket
 import tarfile
 import time
 from collections import deque
@@ -297,15 +296,14 @@ def _split_safely(buffer: str) -> tuple[str, str]:
 
 
 def _check_hub_reachable(name: str) -> None:
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
-        raise DataError(f"{name} is a Hugging Face hub dataset, but HF_HUB_OFFLINE is set; download it elsewhere")
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=5).close()
-    except OSError as error:
+    from gpt2scratch.hub import unreachable_reason
+
+    reason = unreachable_reason()
+    if reason is not None:
         raise DataError(
-            f"cannot reach the Hugging Face hub to stream {name} ({error}); are you offline? "
-            "Prepare a local copy instead (text files, .jsonl, .parquet or a dataset saved with save_to_disk)"
-        ) from None
+            f"{name} is a Hugging Face hub dataset, but {reason}. Prepare a local copy instead "
+            "(text files, .jsonl, .parquet or a dataset saved with save_to_disk)"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
