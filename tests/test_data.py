@@ -330,3 +330,17 @@ def test_cli_prepare_bad_input_is_one_line(tmp_path):
         f"gpt2scratch prepare: error: input {tmp_path}/nope.txt does not exist "
         "(expected a file, a folder or a Hugging Face dataset name)"
     ]
+
+
+def test_hugging_face_dataset_saved_to_disk(tmp_path):
+    import datasets
+
+    rows = {"text": ["first row of a dataset", "second row", "third row here"], "n": [1, 2, 3]}
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "ds"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows)}).save_to_disk(str(tmp_path / "dd"))
+    for name in ("ds", "dd"):
+        prepare([str(tmp_path / name)], tmp_path / f"out-{name}", options())
+        docs = (split_text(tmp_path / f"out-{name}", "train") + split_text(tmp_path / f"out-{name}", "val")).split(EOT)
+        assert sorted(docs[1:]) == sorted(rows["text"])
+    with pytest.raises(DataError, match="has splits \\['train'\\], not 'test'; use --hf-split"):
+        prepare([str(tmp_path / "dd")], tmp_path / "out-test", options(hf_split="test"))
