@@ -488,7 +488,7 @@ class Trainer:
     def _hellaswag(self) -> list:
         if self._hellaswag_examples is None:
             t = self.config.training
-            path = t.hellaswag_file or fetch("hellaswag", self.run_dir.parent / "eval_data")
+            path = t.hellaswag_file or fetch("hellaswag", "eval_data")  # as `gpt2scratch eval` does
             self._hellaswag_examples = hellaswag_examples(path, t.hellaswag_limit or None)
         return self._hellaswag_examples
 
