@@ -170,3 +170,26 @@ def test_training_logs_hellaswag_beside_val_loss(tmp_path, files):
     evals = [r for r in records if "val_loss" in r]
     assert [r["step"] for r in evals] == [2, 4]
     assert all(0 <= r["hellaswag_acc_norm"] <= 1 and "hellaswag_acc" in r for r in evals)
+
+
+@pytest.mark.distributed
+def test_torchrun_eval_equals_one_process(exported, files):
+    """Two ranks split the examples and all-reduce the sums: the figures equal a single process's."""
+    import os
+
+    _, folder = exported
+    args = ["eval", str(folder), "--task", "hellaswag", "lambada", "--json", "--device", "cpu"]
+    args += ["--hellaswag-file", str(files / "hellaswag.jsonl"), "--lambada-file", str(files / "lambada.jsonl")]
+    one = subprocess.run([sys.executable, "-m", "gpt2scratch", *args], capture_output=True, text=True, timeout=300)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    two = subprocess.run(
+        [*torchrun, "-m", "gpt2scratch", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    a, b = json.loads(one.stdout)["results"], json.loads(two.stdout)["results"]
+    assert [r["acc"] for r in a] == [r["acc"] for r in b] and a[0]["acc_norm"] == b[0]["acc_norm"]
+    assert a[1]["ppl"] == pytest.approx(b[1]["ppl"], rel=1e-6) and a[1]["examples"] == b[1]["examples"] == 4
