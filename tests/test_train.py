@@ -349,3 +349,26 @@ def test_torchrun_fsdp_two_processes_equal_one(data_dir, tmp_path):
     assert all(math.isclose(a[s], b[s], abs_tol=1e-5) for s in a), (a, b)
     weights = checkpoint.load_model_state(checkpoint.latest(tmp_path / "fsdp" / "ckpt"))  # full, unsharded
     assert weights["transformer.wte.weight"].shape == (512, 64)
+
+
+@pytest.mark.slow
+def test_main_py_default_run_with_a_short_budget(tmp_path):
+    """`python main.py` end to end (corpus preparation, cpu preset, time budget, samples, export), in 0.3 min."""
+    from pathlib import Path
+
+    main_py = Path(__file__).resolve().parent.parent / "main.py"
+    result = subprocess.run(
+        [sys.executable, str(main_py), "--out", "run", "--time-budget", "0.3", "--eval-every", "20"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "data" / "shakespeare-bpe4096" / "manifest.json").is_file()
+    assert "time budget 0.3 min" in result.stderr and "done:" in result.stdout
+    evals = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in evals if "val_bpb" in r]
+    assert evals and all({"step", "val_loss", "val_bpb"} <= r.keys() for r in evals)
+    assert evals[-1]["val_bpb"] < 3.5  # learned something: a uniform guess over 4096 tokens gives 12 x 0.337 = 4.04
+    assert (tmp_path / "run" / "hf" / "model.safetensors").is_file()
