@@ -51,10 +51,6 @@ class GPTConfig:
         for name in ("qkv_bias", "weight_tying"):
             _require_bool(self, name)
 
-    @property
-    def head_dim(self) -> int:
-        return self.emb_dim // self.n_heads
-
 
 @dataclass
 class TrainingConfig:
