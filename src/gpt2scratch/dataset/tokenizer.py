@@ -11,7 +11,7 @@ import hashlib
 import json
 import shutil
 import tempfile
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 ASSETS = Path(__file__).parent / "assets"
@@ -102,12 +102,16 @@ class Tokenizer:
         """The exact bytes of `ids` (a token may hold part of a UTF-8 character)."""
         if self.is_gpt2:
             return self._tiktoken.decode_bytes([int(i) for i in ids])
+        return b"".join(self._token_bytes[int(i)] for i in ids)
+
+    @cached_property
+    def _token_bytes(self) -> dict[int, bytes]:
+        """Each id's bytes, built once (streaming decodes one token at a time)."""
         byte_decoder = {c: b for b, c in bytes_to_unicode().items()}
-        inverse = {i: t for t, i in self.vocab.items()}
-        return b"".join(
-            inverse[i].encode() if inverse[i] == EOT else bytes(byte_decoder[c] for c in inverse[i])
-            for i in map(int, ids)
-        )
+        return {
+            i: token.encode() if token == EOT else bytes(byte_decoder[c] for c in token)
+            for token, i in self.vocab.items()
+        }
 
     def hf_tokenizer(self):
         """This tokenizer as a Hugging Face `tokenizers.Tokenizer` (e.g. to write tokenizer.json)."""
