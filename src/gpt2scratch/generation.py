@@ -49,6 +49,43 @@ def sample_next(
     return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
+def sample_rows(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    uniform: torch.Tensor,
+) -> torch.Tensor:
+    """logits (B, V) -> next token ids (B,), each row with its own settings, as a server batching different
+    requests needs: temperature (B,) (0 = greedy), top_k (B,) (0 = off; exactly k tokens stay), top_p (B,), and
+    uniform (B,) draws in [0, 1), one per row from that row's own generator, so a row's tokens do not depend on the
+    rows beside it. Filters as in sample_next; the draw is the inverse of the kept tokens' cumulative distribution."""
+    greedy = logits.argmax(dim=-1)
+    rows = (temperature > 0).nonzero().squeeze(-1)
+    if rows.numel() == 0:
+        return greedy
+    logits, temperature, top_k, top_p = logits[rows], temperature[rows], top_k[rows], top_p[rows]
+    V = logits.size(-1)
+    scaled = logits.float() / temperature[:, None]
+    k = torch.where(top_k > 0, top_k, V).clamp(max=V)
+    if bool((k < V).all()):  # every row keeps at most max(k) tokens: a partial sort is enough
+        sorted_logits, order = torch.topk(scaled, int(k.max()), dim=-1)
+    elif not bool((k < V).any() or (top_p < 1).any()):  # no filter at all: no sort needed
+        sorted_logits, order = scaled, None
+    else:
+        sorted_logits, order = torch.sort(scaled, descending=True, dim=-1)
+    ranks = torch.arange(sorted_logits.size(-1), device=logits.device)
+    sorted_logits = sorted_logits.masked_fill(ranks[None, :] >= k[:, None], float("-inf"))
+    probs = torch.softmax(sorted_logits, dim=-1)
+    if order is not None:
+        probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= top_p[:, None], 0.0)  # the first always stays
+    cdf = probs.cumsum(dim=-1)
+    target = (uniform[rows].to(cdf) * cdf[:, -1])[:, None]
+    choice = torch.searchsorted(cdf, target, right=True).clamp(max=cdf.size(-1) - 1)  # skips probability-0 tokens
+    token = choice if order is None else order.gather(-1, choice)
+    return greedy.index_copy(0, rows, token.squeeze(-1))
+
+
 def _left_pad(prompts: Sequence[Sequence[int]], context: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(B, T) ids, each prompt cropped to its last `context` tokens and left-padded to the longest, and the
     (B,) pad lengths (None when no row is padded)."""

@@ -43,6 +43,44 @@ class KVCache:
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
 
+    # Batch surgery for a server that lets rows join and leave a running batch (gpt2scratch.serve.engine).
+    # Rows are right-aligned: every row's latest token sits at position length - 1, shorter rows are left-padded.
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only these batch rows (a (B',) index tensor), in this order."""
+        if self.k is not None:
+            self.k = self.k.index_select(0, rows)
+            self.v = self.v.index_select(0, rows)
+
+    def drop_front(self, n: int) -> None:
+        """Forget the first n positions (padding that no row needs any more)."""
+        if n <= 0 or self.k is None:
+            return
+        keep = self.length - n
+        self.k[:, :, :keep] = self.k[:, :, n : self.length].clone()
+        self.v[:, :, :keep] = self.v[:, :, n : self.length].clone()
+        self.length = keep
+
+    @staticmethod
+    def join(first: KVCache, second: KVCache) -> KVCache:
+        """The rows of `first`, then those of `second`, right-aligned in one cache: the shorter one is padded on
+        the left with zeros (finite, so masked positions add exactly nothing) to the longer one's length."""
+        if first.k is None or second.k is None:
+            raise ValueError("cannot join an empty KV cache")
+        length = max(first.length, second.length)
+        joined = KVCache(max(first.max_len, second.max_len))
+        B1, B2 = first.k.size(0), second.k.size(0)
+        nh, hs = first.k.size(1), first.k.size(3)
+        for name in ("k", "v"):
+            out = first.k.new_empty(B1 + B2, nh, joined.max_len, hs)
+            for rows, cache in ((slice(0, B1), first), (slice(B1, B1 + B2), second)):
+                pad = length - cache.length
+                out[rows, :, :pad] = 0
+                out[rows, :, pad:length] = getattr(cache, name)[:, :, : cache.length]
+            setattr(joined, name, out)
+        joined.length = length
+        return joined
+
 
 class MultiHeadSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, attn_impl: str = "sdpa"):
