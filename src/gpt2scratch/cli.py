@@ -414,6 +414,48 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# serve
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import torch
+    import uvicorn
+
+    from gpt2scratch import loading
+    from gpt2scratch.serve import build_app
+    from gpt2scratch.trainer import pick_device
+
+    api_key = args.api_key or os.environ.get("GPT2SCRATCH_API_KEY") or None
+    if args.max_batch_size < 1 or args.max_queue < 1:
+        raise UserError(f"--max-batch-size ({args.max_batch_size}) and --max-queue ({args.max_queue}) must be >= 1")
+    if args.host not in LOOPBACK_HOSTS and api_key is None:
+        print(
+            f"warning: serving on {args.host} without an API key: anyone who can reach this port can use the model "
+            "(pass --api-key KEY to require 'Authorization: Bearer KEY')",
+            file=sys.stderr,
+        )
+    device, _ = pick_device(args.device)
+    loaded = loading.load(args.model, device)
+    torch.set_grad_enabled(False)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    app = build_app(loaded, args.model_name, args.max_batch_size, args.max_queue, api_key)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(
+        f"Serving {loaded.source} ({loaded.model.num_params():,} parameters, {device}) as "
+        f"'{app.state.model_id}': web page http://{host}:{args.port}/ , API http://{host}:{args.port}/v1 "
+        f"(max batch {args.max_batch_size}, queue {args.max_queue}{', API key required' if api_key else ''}). "
+        "Ctrl-C stops.",
+        flush=True,
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # eval
 
 
@@ -601,6 +643,37 @@ bit for bit. Several GPUs or nodes: torchrun --nproc_per_node=N -m gpt2scratch t
     imp.add_argument("source", metavar="SRC")
     imp.add_argument("--out", required=True, metavar="DIR")
     imp.set_defaults(run=cmd_import)
+
+    srv = commands.add_parser(
+        "serve",
+        help="serve a model: OpenAI-compatible /v1/completions (streaming) and a web page",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""Serve MODEL (a checkpoint, run folder, Hugging Face folder or hub name) over HTTP:
+
+  GET  /                 a web page to try the model (prompt, temperature, top-k, top-p, max tokens; streams)
+  POST /v1/completions   OpenAI's completions API: prompt (string or list), max_tokens (default 16),
+                         temperature, top_p, top_k, n, stop, seed, echo, stream (server-sent events)
+  GET  /v1/models        the served model;  GET /health: status, queue and counters
+
+Requests are batched continuously: completions that arrive while others run join the running batch
+(up to --max-batch-size) and leave it when done. At most --max-queue completions wait; beyond that the
+server answers 429 (retry later). It listens on 127.0.0.1 unless --host says otherwise.""",
+        epilog="examples:\n  gpt2scratch serve runs/shakespeare\n"
+        "  curl localhost:8000/v1/completions -H 'Content-Type: application/json' \\\n"
+        '       -d \'{"prompt": "ROMEO:", "max_tokens": 50}\'\n'
+        "  OpenAI client: OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='unused')",
+    )
+    srv.add_argument("model", metavar="MODEL")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    srv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    srv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (or set GPT2SCRATCH_API_KEY)")
+    srv.add_argument("--model-name", help="the model id clients send (default: the run or folder name)")
+    srv.add_argument("--max-batch-size", type=int, default=16, help="completions decoded together (default 16)")
+    srv.add_argument("--max-queue", type=int, default=256, help="completions that may wait (default 256)")
+    srv.add_argument("--device", default="auto", help="auto (default), cpu, cuda or mps")
+    srv.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
+    srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    srv.set_defaults(run=cmd_serve)
 
     ev = commands.add_parser(
         "eval",

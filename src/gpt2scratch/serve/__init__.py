@@ -1,0 +1,40 @@
+"""`gpt2scratch serve`: an OpenAI-compatible completions server with continuous batching, and a web page.
+
+engine.py    the model thread: a continuous batch over the KV cache, a bounded queue
+protocol.py  OpenAI's request/answer/stream formats and errors
+app.py       the FastAPI app (routes, API key, streaming, disconnects)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gpt2scratch.serve.protocol import Limits
+
+
+def build_app(loaded, name: str | None = None, max_batch_size: int = 16, max_queue: int = 256, api_key=None):
+    """A FastAPI app serving a `loading.LoadedModel` (the engine starts with the app)."""
+    from gpt2scratch.serve.app import create_app
+    from gpt2scratch.serve.engine import Engine
+
+    training = loaded.config.training
+    limits = Limits(
+        model=name or model_name(loaded.source),
+        context_length=loaded.config.model.context_length,
+        vocab_size=loaded.config.model.vocab_size,
+        default_top_k=training.k_top,
+        default_temperature=training.temperature,
+        extra={"parameters": loaded.model.num_params()},
+    )
+    engine = Engine(loaded.model, loaded.tokenizer, max_batch_size=max_batch_size, max_queue=max_queue)
+    return create_app(engine, limits, api_key)
+
+
+def model_name(source: Path) -> str:
+    """A readable id for a model folder: RUN for RUN/ckpt/step_N or RUN/hf, else the folder's name."""
+    source = Path(source).resolve()
+    if source.name.startswith("step_") and source.parent.name == "ckpt":
+        return source.parent.parent.name
+    if source.name == "hf" and source.parent.name:
+        return source.parent.name
+    return source.name

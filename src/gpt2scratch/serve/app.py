@@ -1,0 +1,229 @@
+"""The HTTP side: a FastAPI app with OpenAI's /v1/completions (JSON or server-sent events), /v1/models, /health,
+and a web page at / to try the model.
+
+    POST /v1/completions   prompt, max_tokens, temperature, top_p, top_k, n, stop, seed, stream, echo, ...
+    GET  /v1/models        the served model
+    GET  /health           status, queue and counters (no API key needed)
+    GET  /                 the web page (self-contained: nothing is fetched from elsewhere)
+
+Every error is a JSON object in OpenAI's format with a 4xx/5xx status: 400 for a bad request (naming the
+field), 401 for a missing/wrong API key, 404 for an unknown model or path, 429 when the queue is full (retry
+later), 503 when the engine is not running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+from importlib import resources
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gpt2scratch.serve import protocol
+from gpt2scratch.serve.engine import Engine, EngineStopped, Event, Job, QueueFull
+from gpt2scratch.serve.protocol import APIError, Limits
+
+log = logging.getLogger(__name__)
+DISCONNECT_POLL_S = 0.5  # how often a waiting non-streaming request checks that its client is still there
+
+
+def create_app(engine: Engine, limits: Limits, api_key: str | None = None) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        yield
+        engine.stop()
+
+    app = FastAPI(title="gpt2scratch", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.model_id = limits.model
+    app.state.engine = engine
+    page = _page(limits, api_key is not None)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, error: APIError):
+        headers = {"Retry-After": "1"} if error.status in (429, 503) else None
+        return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException):
+        message = {404: f"Unknown path {request.url.path}; the API is under /v1 (see GET /v1/models)"}.get(
+            error.status_code, str(error.detail)
+        )
+        return JSONResponse(APIError(error.status_code, message).body(), status_code=error.status_code)
+
+    def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise APIError(
+                401,
+                "Incorrect or missing API key: send the header 'Authorization: Bearer KEY' with the key the "
+                "server was started with (--api-key)",
+                code="invalid_api_key",
+            )
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        stats = engine.stats
+        body = {
+            "status": "ok" if engine.alive else "stopped",
+            "model": limits.model,
+            "waiting": engine.waiting,
+            "running": engine.running,
+            "max_queue": engine.max_queue,
+            "max_batch_size": engine.max_batch_size,
+            "requests": stats.requests,
+            "completions": stats.rows_finished,
+            "tokens_generated": stats.tokens_generated,
+            "mean_batch_size": round(stats.batch_rows_total / stats.steps, 2) if stats.steps else 0.0,
+        }
+        return JSONResponse(body, status_code=200 if engine.alive else 503)
+
+    def model_card() -> dict:
+        return {
+            "id": limits.model,
+            "object": "model",
+            "created": int(engine.stats.started),
+            "owned_by": "gpt2scratch",
+            "context_length": limits.context_length,
+            **limits.extra,
+        }
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict:
+        authorize(request)
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request) -> dict:
+        authorize(request)
+        if model_id != limits.model:
+            raise APIError(404, f"The model '{model_id}' does not exist", "model", code="model_not_found")
+        return model_card()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        authorize(request)
+        body = protocol.parse_json(await request.body())
+        completion = protocol.parse_completion(body, engine.tokenizer, limits)
+        if completion.n_choices > engine.max_queue:
+            raise APIError(
+                400,
+                f"this request asks for {completion.n_choices} completions (prompts x n); the server queues at most "
+                f"{engine.max_queue} (--max-queue): lower n or send fewer prompts at once",
+                "n",
+            )
+        job = Job(completion, asyncio.get_running_loop())
+        if completion.max_tokens > 0:
+            try:
+                engine.submit(job)
+            except QueueFull as error:
+                raise APIError(429, f"The server is busy: {error}. Retry shortly.", type="server_busy") from None
+            except EngineStopped as error:
+                raise APIError(503, f"Service unavailable: {error}", type="server_error") from None
+        answer = _Answer(job, protocol.new_id(), protocol.now(), limits.model)
+        if completion.stream:
+            headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+            return StreamingResponse(answer.stream(), media_type="text/event-stream", headers=headers)
+        return JSONResponse(await answer.whole(request))
+
+    return app
+
+
+class _Answer:
+    """Collects one request's engine events into OpenAI's answer (whole, or as a stream of chunks)."""
+
+    def __init__(self, job: Job, request_id: str, created: int, model: str):
+        self.job, self.id, self.created, self.model = job, request_id, created, model
+        request = job.request
+        self.prompt_tokens = sum(map(len, request.prompts))  # once per prompt, whatever n is (as OpenAI)
+        self.prefix = [request.prompt_texts[c // request.n] if request.echo else "" for c in range(request.n_choices)]
+        self.completion_tokens = [0] * request.n_choices
+
+    async def events(self):
+        """Each choice's events until all have finished (max_tokens 0: each finishes at once)."""
+        request = self.job.request
+        if request.max_tokens == 0:
+            for c in range(request.n_choices):
+                yield Event(c, "", "length", 0)
+            return
+        left = request.n_choices
+        while left:
+            event = await self.job.events.get()
+            if event.finish_reason == "error":
+                raise APIError(500, event.text, type="server_error")
+            if event.finish_reason is not None:
+                left -= 1
+                self.completion_tokens[event.choice] = event.completion_tokens
+            yield event
+
+    async def whole(self, http_request: Request) -> dict:
+        texts = list(self.prefix)
+        finish: list[str | None] = [None] * len(texts)
+        events = self.events()
+        try:
+            while True:
+                next_event = asyncio.ensure_future(anext(events))
+                while True:  # wait, checking now and then that the client has not gone
+                    done, _ = await asyncio.wait({next_event}, timeout=DISCONNECT_POLL_S)
+                    if done:
+                        break
+                    if await http_request.is_disconnected():
+                        next_event.cancel()
+                        self.job.cancel()
+                        return {}
+                try:
+                    event = next_event.result()
+                except StopAsyncIteration:
+                    break
+                texts[event.choice] += event.text
+                if event.finish_reason:
+                    finish[event.choice] = event.finish_reason
+        finally:
+            self.job.cancel()  # no-op once every row has finished
+        choices = [protocol.choice(i, text, finish[i]) for i, text in enumerate(texts)]
+        return protocol.completion(
+            self.id, self.created, self.model, choices, self.prompt_tokens, sum(self.completion_tokens)
+        )
+
+    async def stream(self):
+        try:
+            for i, text in enumerate(self.prefix):
+                if text:
+                    yield protocol.chunk(self.id, self.created, self.model, [protocol.choice(i, text, None)])
+            try:
+                async for event in self.events():
+                    piece = protocol.choice(event.choice, event.text, event.finish_reason)
+                    yield protocol.chunk(self.id, self.created, self.model, [piece])
+            except APIError as error:  # the status line is sent already: the error goes in the stream
+                yield f"data: {json.dumps(error.body())}\n\n"
+            else:
+                if self.job.request.include_usage:
+                    counts = protocol.usage(self.prompt_tokens, sum(self.completion_tokens))
+                    yield protocol.chunk(self.id, self.created, self.model, [], counts)
+            yield protocol.DONE
+        finally:  # also when the client disconnects: the rows leave the batch at the next step
+            self.job.cancel()
+
+
+def _page(limits: Limits, needs_key: bool) -> str:
+    html = resources.files("gpt2scratch.serve").joinpath("static/index.html").read_text(encoding="utf-8")
+    settings = {
+        "model": limits.model,
+        "context_length": limits.context_length,
+        "top_k": limits.default_top_k,
+        "temperature": limits.default_temperature,
+        "needs_key": needs_key,
+    }
+    return html.replace("/*SETTINGS*/{}", json.dumps(settings).replace("</", "<\\/"))

@@ -1,0 +1,271 @@
+"""The generation engine behind the server: one thread that owns the model and runs a continuous batch.
+
+Every completion a request asks for (prompts x n) is a *row*. Rows wait in a bounded FIFO queue; between two
+decoding steps the engine admits waiting rows into the running batch (up to max_batch_size): their prompts are
+processed together (left-padded), and their KV caches are joined to the batch's, right-aligned, with the
+padding masked out. So requests that arrive together, or while others are generating, share every forward pass,
+and a row that finishes (end of text, stop string, max_tokens, or a client gone) leaves the batch at once.
+
+Each row samples with its own settings and its own random stream (seeded by the request's seed + the choice
+index when given), so what a row generates does not depend on which rows share its batch.
+
+The engine talks to the asyncio side by events: it puts (choice, text, finish_reason) on the request's asyncio
+queue through loop.call_soon_threadsafe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from gpt2scratch.generation import TextStream, _left_pad, sample_rows
+from gpt2scratch.models.gpt import GPT
+from gpt2scratch.models.multi_head_self_attention import KVCache
+from gpt2scratch.serve.protocol import CompletionRequest
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    pass
+
+
+class EngineStopped(Exception):
+    pass
+
+
+@dataclass
+class Event:
+    choice: int
+    text: str = ""
+    finish_reason: str | None = None  # "stop" | "length" | "error" on a row's last event
+    completion_tokens: int = 0
+
+
+class Job:
+    """One request as the engine sees it: its rows, and the asyncio queue its events go to."""
+
+    def __init__(self, request: CompletionRequest, loop: asyncio.AbstractEventLoop):
+        self.request = request
+        self.loop = loop
+        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self.cancelled = False
+        self.submitted = time.perf_counter()
+
+    def cancel(self) -> None:
+        """The client is gone: its rows leave the queue / the batch at the engine's next step."""
+        self.cancelled = True
+
+    def emit(self, event: Event) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the event loop is closed: the server is shutting down
+            self.cancelled = True
+
+
+@dataclass
+class Row:
+    job: Job
+    choice: int
+    prompt: list[int]
+    stream: TextStream
+    generator: torch.Generator
+    generated: int = 0
+
+
+@dataclass
+class Stats:
+    requests: int = 0
+    rows_finished: int = 0
+    tokens_generated: int = 0
+    steps: int = 0
+    batch_rows_total: int = 0  # sum over steps of the batch size: / steps = mean batch size
+    started: float = field(default_factory=time.time)
+
+
+class Engine:
+    def __init__(self, model: GPT, tokenizer, max_batch_size: int = 16, max_queue: int = 256, seed: int | None = None):
+        if max_batch_size < 1 or max_queue < 1:
+            raise ValueError(f"max_batch_size ({max_batch_size}) and max_queue ({max_queue}) must be >= 1")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = model.lm_head.weight.device
+        self.context = model.config.context_length
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.stats = Stats()
+        self._seeds = torch.Generator().manual_seed(seed if seed is not None else int(time.time_ns()))
+        self._pending: deque[Row] = deque()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.error: BaseException | None = None  # set if the engine thread died
+        # the running batch
+        self._rows: list[Row] = []
+        self._caches: list[KVCache] = []
+        self._pad: torch.Tensor | None = None  # (B,) left padding of each row
+        self._logits: torch.Tensor | None = None  # (B, V) next-token logits of each row
+
+    # ---- called from the server (any thread) ------------------------------------------------------------------
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    @property
+    def waiting(self) -> int:
+        return len(self._pending)
+
+    @property
+    def running(self) -> int:
+        return len(self._rows)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="gpt2scratch-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def submit(self, job: Job) -> None:
+        """Queue a request's rows, or raise QueueFull / EngineStopped (nothing is queued then)."""
+        request = job.request
+        rows = []
+        for p, prompt in enumerate(request.prompts):
+            for j in range(request.n):
+                choice = p * request.n + j
+                generator = torch.Generator()
+                if request.seed is not None:
+                    generator.manual_seed((request.seed + choice) % 2**63)
+                else:
+                    generator.manual_seed(int(torch.randint(2**62, (1,), generator=self._seeds)))
+                rows.append(Row(job, choice, prompt, TextStream(self.tokenizer, request.stop), generator))
+        with self._cond:
+            if not self.alive:
+                raise EngineStopped("the generation engine is not running")
+            if len(self._pending) + len(rows) > self.max_queue:
+                raise QueueFull(
+                    f"{len(self._pending)} completions are waiting and this request adds {len(rows)}: over the "
+                    f"queue limit of {self.max_queue} (--max-queue)"
+                )
+            self._pending.extend(rows)
+            self.stats.requests += 1
+            self._cond.notify()
+
+    # ---- the engine thread ------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            with torch.inference_mode():
+                while True:
+                    with self._cond:
+                        while not self._stopping and not self._pending and not self._rows:
+                            self._cond.wait()
+                        if self._stopping:
+                            break
+                    try:
+                        self._admit()
+                        if self._rows:
+                            self._step()
+                    except Exception as error:  # a failed step fails its rows, not the server
+                        log.exception("generation failed; the rows of this batch get an error")
+                        for row in self._rows:
+                            row.job.emit(Event(row.choice, f"generation failed: {error}", "error", row.generated))
+                        self._reset()
+        except BaseException as error:  # pragma: no cover - the thread itself died
+            self.error = error
+            log.exception("the generation engine stopped")
+        finally:
+            self._stopping = True
+            for row in [*self._rows, *self._pending]:
+                row.job.emit(Event(row.choice, "the server is shutting down", "error", row.generated))
+
+    def _reset(self) -> None:
+        self._rows, self._caches, self._pad, self._logits = [], [], None, None
+
+    def _admit(self) -> None:
+        """Move waiting rows into the batch: one forward pass over their prompts, then join the caches."""
+        new: list[Row] = []
+        with self._cond:
+            while self._pending and len(self._rows) + len(new) < self.max_batch_size:
+                row = self._pending.popleft()
+                if not row.job.cancelled:
+                    new.append(row)
+        if not new:
+            return
+        ids, pad = _left_pad([row.prompt for row in new], self.context, self.device)
+        pad = pad if pad is not None else torch.zeros(len(new), dtype=torch.long, device=self.device)
+        caches = self.model.new_kv_caches()
+        logits, _ = self.model(ids, caches=caches, pad_lengths=pad if bool(pad.any()) else None)
+        if not self._rows:
+            self._rows, self._caches, self._pad, self._logits = new, caches, pad, logits[:, -1, :]
+            return
+        old_length, new_length = self._caches[0].length, caches[0].length
+        self._caches = [KVCache.join(old, fresh) for old, fresh in zip(self._caches, caches, strict=True)]
+        self._pad = torch.cat([self._pad + max(new_length - old_length, 0), pad + max(old_length - new_length, 0)])
+        self._logits = torch.cat([self._logits, logits[:, -1, :]])
+        self._rows = self._rows + new
+
+    def _step(self) -> None:
+        """Sample one token for every row, send the text, drop finished rows, run the next forward pass."""
+        rows = self._rows
+        settings = [row.job.request for row in rows]
+        temperature = torch.tensor([r.temperature for r in settings], device=self.device)
+        top_k = torch.tensor([r.top_k for r in settings], device=self.device)
+        top_p = torch.tensor([r.top_p for r in settings], device=self.device)
+        uniform = torch.cat([torch.rand(1, generator=row.generator) for row in rows])
+        tokens = sample_rows(self._logits, temperature, top_k, top_p, uniform).tolist()
+        self.stats.steps += 1
+        self.stats.batch_rows_total += len(rows)
+
+        keep, next_ids = [], []
+        eot = self.tokenizer.eot_id
+        for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
+            if row.job.cancelled:
+                continue
+            row.generated += 1
+            self.stats.tokens_generated += 1
+            finish = None
+            if token == eot:
+                text, finish = row.stream.finish(), "stop"
+            else:
+                text = row.stream.push(token)
+                if row.stream.stopped:
+                    finish = "stop"
+                elif row.generated >= row.job.request.max_tokens:
+                    text, finish = text + row.stream.finish(), "length"
+            if text or finish:
+                row.job.emit(Event(row.choice, text, finish, row.generated))
+            if finish is None:
+                keep.append(i)
+                next_ids.append(token)
+            else:
+                self.stats.rows_finished += 1
+        if not keep:
+            self._reset()
+            return
+        if len(keep) < len(rows):
+            index = torch.tensor(keep, device=self.device)
+            for cache in self._caches:
+                cache.keep_rows(index)
+            self._rows = [rows[i] for i in keep]
+            self._pad = self._pad.index_select(0, index)
+        length = self._caches[0].length
+        unused = int(self._pad.min())  # padding that every row has: drop it when the cache is full, or mostly pad
+        if unused and (length >= self.context or unused * 2 >= length):
+            for cache in self._caches:
+                cache.drop_front(unused)
+            self._pad = self._pad - unused
+        idx = torch.tensor(next_ids, device=self.device)[:, None]
+        logits, _ = self.model(idx, caches=self._caches, pad_lengths=self._pad if bool(self._pad.any()) else None)
+        self._logits = logits[:, -1, :]
