@@ -1,0 +1,528 @@
+"""`gpt2scratch serve`: OpenAI's completions protocol over HTTP, checked against references:
+
+- continuous batching (rows joining and leaving a running batch) gives each request what it gets alone;
+- per-row sampling draws from the distribution sample_next defines;
+- the official `openai` client completes and streams; bad requests get a 4xx naming the field and the server
+  goes on; the API key; 429 when the queue is full; a client that disconnects frees its slot;
+- 32 concurrent clients lose no request; the load-test script runs;
+- the web page streams a completion in headless Chromium (tests/test_serve_browser.py).
+
+Every model is a random tiny one with GPT-2's tokenizer, built here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from gpt2scratch import checkpoint, loading
+from gpt2scratch.config import Config, GPTConfig, TrainingConfig
+from gpt2scratch.dataset.tokenizer import GPT2_DIR
+from gpt2scratch.generation import complete, sample_rows
+from gpt2scratch.models import GPT
+from gpt2scratch.models.multi_head_self_attention import KVCache
+from gpt2scratch.serve import build_app
+from gpt2scratch.serve.engine import Engine, Job
+from gpt2scratch.serve.protocol import CompletionRequest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_model(folder: Path, context_length: int, emb_dim: int = 32, n_layers: int = 2) -> Path:
+    torch.manual_seed(0)
+    config = GPTConfig(
+        vocab_size=50257, context_length=context_length, emb_dim=emb_dim, n_heads=2, n_layers=n_layers, drop_rate=0.0
+    )
+    model = GPT(config)
+    with torch.no_grad():  # a sharper distribution than a fresh init, so greedy choices are not near-ties
+        model.lm_head.weight.mul_(20)
+    state = {"step": 0, "config": Config(model=config, training=TrainingConfig()).to_dict()}
+    checkpoint.write_model_folder(folder, model.state_dict(), state, GPT2_DIR)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def small_context_model(tmp_path_factory) -> Path:
+    """Context 64: requests fill the KV cache, so the engine must drop padding from its front."""
+    return write_model(tmp_path_factory.mktemp("serve") / "ctx64", context_length=64)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return write_model(tmp_path_factory.mktemp("serve") / "tiny", context_length=1024, emb_dim=64)
+
+
+@pytest.fixture(scope="module")
+def client(model_dir):
+    from fastapi.testclient import TestClient
+
+    app = build_app(loading.load(str(model_dir)), name="tiny", max_batch_size=8)
+    with TestClient(app) as test_client:  # runs the lifespan: the engine thread starts and stops with it
+        yield test_client
+
+
+def completion_request(prompt_ids, max_tokens, temperature=0.0, n=1, seed=None, stop=(), top_k=0, top_p=1.0):
+    return CompletionRequest(
+        prompts=[prompt_ids],
+        prompt_texts=[""],
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        n=n,
+        stop=tuple(stop),
+        seed=seed,
+        stream=False,
+        include_usage=False,
+        echo=False,
+        model="m",
+    )
+
+
+def run_engine(engine: Engine, requests: list[CompletionRequest]) -> list[dict[int, str]]:
+    """Submit every request at once; collect each one's text per choice."""
+
+    async def main():
+        loop = asyncio.get_running_loop()
+
+        async def one(request):
+            job = Job(request, loop)
+            engine.submit(job)
+            texts, left = {}, request.n_choices
+            while left:
+                event = await job.events.get()
+                assert event.finish_reason != "error", event.text
+                texts[event.choice] = texts.get(event.choice, "") + event.text
+                left -= event.finish_reason is not None
+            return texts
+
+        return await asyncio.gather(*(one(r) for r in requests))
+
+    engine.start()
+    try:
+        return asyncio.run(main())
+    finally:
+        engine.stop()
+
+
+# ---- the engine ------------------------------------------------------------------------------------------------
+
+
+def test_continuous_batching_equals_one_request_at_a_time(small_context_model, monkeypatch):
+    """Rows of different prompt lengths join a running batch (max 3 rows) as others finish, and the cache fills
+    the context: every greedy completion equals generating that prompt alone, stop strings included."""
+    loaded = loading.load(str(small_context_model))
+    tokenizer = loaded.tokenizer
+    calls = {"join": 0, "drop_front": 0, "keep_rows": 0}
+    for name in calls:
+        original = getattr(KVCache, name)
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(KVCache, name, staticmethod(counted) if name == "join" else counted)
+
+    texts = ["Hello", "The history of the world is long", "a b c d e f g h i j k l m n o p q r s t", "ROMEO:", "x"]
+    lengths = [60, 20, 40, 30, 63]
+    requests = [completion_request(tokenizer.encode(t), n) for t, n in zip(texts, lengths, strict=True)]
+    requests.append(completion_request(tokenizer.encode("Hello"), 50, stop=["e"]))
+    engine = Engine(loaded.model, tokenizer, max_batch_size=3)
+    got = run_engine(engine, requests)
+    for text, request, answer in zip([*texts, "Hello"], requests, got, strict=True):
+        alone = complete(loaded.model, tokenizer, [text], request.max_tokens, temperature=0, stop=request.stop)[0]
+        assert answer[0] == alone
+    assert calls["join"] > 0 and calls["keep_rows"] > 0 and calls["drop_front"] > 0  # each path was taken
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(small_context_model):
+    loaded = loading.load(str(small_context_model))
+    ids = loaded.tokenizer.encode("Once upon a time")
+    request = completion_request(ids, 30, temperature=1.0, n=2, seed=7, top_k=40, top_p=0.9)
+    alone = run_engine(Engine(loaded.model, loaded.tokenizer), [request])[0]
+    others = [completion_request(loaded.tokenizer.encode(t), 25, temperature=0.8) for t in ("a", "b c", "d e f")]
+    together = run_engine(Engine(loaded.model, loaded.tokenizer, max_batch_size=8), [others[0], request, *others[1:]])
+    assert together[1] == alone
+    assert alone[0] != alone[1]  # the two choices draw differently (seed + choice index)
+    other_seed = completion_request(ids, 30, temperature=1.0, n=2, seed=8, top_k=40, top_p=0.9)
+    assert run_engine(Engine(loaded.model, loaded.tokenizer), [other_seed])[0] != alone
+
+
+def reference_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """The distribution sample_next draws from, written out: top-k, then top-p over the renormalised rest."""
+    probs = torch.softmax(logits / temperature, dim=-1)
+    order = torch.argsort(probs, descending=True)
+    keep = torch.zeros_like(probs, dtype=torch.bool)
+    kept = order[:top_k] if top_k else order
+    mass = probs[kept] / probs[kept].sum()
+    cumulative = 0.0
+    for token, p in zip(kept.tolist(), mass.tolist(), strict=True):
+        keep[token] = True
+        cumulative += p
+        if cumulative >= top_p:
+            break
+    filtered = torch.where(keep, probs, torch.zeros_like(probs))
+    return filtered / filtered.sum()
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8), (1.0, 8, 0.6)])
+def test_sample_rows_draws_from_the_filtered_distribution(temperature, top_k, top_p):
+    """An evenly spread grid of N uniforms lands on each token N x its probability times (to within one)."""
+    torch.manual_seed(1)
+    logits = torch.randn(1, 40) * 2
+    expected = reference_probs(logits[0], temperature, top_k, top_p)
+    N = 4000
+    uniform = (torch.arange(N) + 0.5) / N
+    rows = logits.expand(N, -1)
+    tokens = sample_rows(rows, torch.full((N,), temperature), torch.full((N,), top_k), torch.full((N,), top_p), uniform)
+    counts = torch.bincount(tokens, minlength=40).float()
+    assert torch.all((counts - expected * N).abs() <= 1.5), (counts, expected * N)
+
+
+def test_sample_rows_greedy_rows_and_top_k_1_are_argmax():
+    logits = torch.randn(4, 50)
+    tokens = sample_rows(
+        logits, torch.tensor([0.0, 1.0, 0.0, 2.0]), torch.tensor([0, 1, 7, 1]), torch.ones(4), torch.rand(4)
+    )
+    assert tokens.tolist() == logits.argmax(-1).tolist()
+
+
+# ---- the HTTP API, in process ----------------------------------------------------------------------------------
+
+
+def test_completion_answer_has_openai_shape(client, model_dir):
+    response = client.post(
+        "/v1/completions", json={"model": "tiny", "prompt": ["Hello", "ROMEO:"], "max_tokens": 7, "n": 2, "seed": 1}
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["object"] == "text_completion" and body["model"] == "tiny" and body["id"].startswith("cmpl-")
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
+    assert all(c["finish_reason"] in ("stop", "length") for c in body["choices"])
+    tokenizer = loading.load(str(model_dir)).tokenizer
+    prompt_tokens = len(tokenizer.encode("Hello")) + len(tokenizer.encode("ROMEO:"))
+    completion_tokens = sum(len(tokenizer.encode(c["text"])) for c in body["choices"])
+    usage = body["usage"]
+    assert usage["prompt_tokens"] == prompt_tokens
+    assert usage["total_tokens"] == prompt_tokens + usage["completion_tokens"]
+    assert usage["completion_tokens"] <= 4 * 7 and usage["completion_tokens"] >= completion_tokens - 4
+
+
+def test_greedy_completion_equals_generation_alone(client, model_dir):
+    loaded = loading.load(str(model_dir))
+    body = {"prompt": "The history of the world", "max_tokens": 20, "temperature": 0}
+    answer = client.post("/v1/completions", json=body).json()
+    assert (
+        answer["choices"][0]["text"] == complete(loaded.model, loaded.tokenizer, [body["prompt"]], 20, temperature=0)[0]
+    )
+    ids = loaded.tokenizer.encode(body["prompt"])  # a prompt given as token ids gives the same
+    by_ids = client.post("/v1/completions", json={**body, "prompt": ids}).json()
+    assert by_ids["choices"][0]["text"] == answer["choices"][0]["text"]
+    echo = client.post("/v1/completions", json={**body, "echo": True}).json()
+    assert echo["choices"][0]["text"] == body["prompt"] + answer["choices"][0]["text"]
+    zero = client.post("/v1/completions", json={**body, "max_tokens": 0}).json()
+    assert zero["choices"][0] == {"text": "", "index": 0, "logprobs": None, "finish_reason": "length"}
+
+
+def parse_stream(lines) -> tuple[list[dict], bool]:
+    chunks, done = [], False
+    for line in lines:
+        if not line:
+            continue
+        assert line.startswith("data: "), line
+        if line == "data: [DONE]":
+            done = True
+            continue
+        assert not done, "data after [DONE]"
+        chunks.append(json.loads(line[6:]))
+    return chunks, done
+
+
+def test_stream_is_openai_chunks_ending_with_done(client):
+    body = {"prompt": "ROMEO:", "max_tokens": 12, "temperature": 0, "n": 2}
+    whole = client.post("/v1/completions", json=body).json()
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        chunks, done = parse_stream(response.iter_lines())
+    assert done
+    texts, finish = ["", ""], [None, None]
+    for chunk in chunks:
+        assert chunk["object"] == "text_completion" and chunk["id"] == chunks[0]["id"]
+        for choice in chunk["choices"]:
+            texts[choice["index"]] += choice["text"]
+            finish[choice["index"]] = finish[choice["index"]] or choice["finish_reason"]
+    assert texts == [c["text"] for c in whole["choices"]]
+    assert finish == [c["finish_reason"] for c in whole["choices"]]
+    assert len(chunks) > 2  # token by token, not all at once
+    with client.stream(
+        "POST", "/v1/completions", json={**body, "stream": True, "stream_options": {"include_usage": True}}
+    ) as response:
+        chunks, done = parse_stream(response.iter_lines())
+    assert done and chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+
+
+BAD_REQUESTS = [
+    ({"prompt": 5}, "prompt"),
+    ({"prompt": ["ok", 3]}, "prompt"),
+    ({"prompt": "x", "max_tokens": "5"}, "max_tokens"),
+    ({"prompt": "x", "max_tokens": 2.5}, "max_tokens"),
+    ({"prompt": "x", "max_tokens": -1}, "max_tokens"),
+    ({"prompt": "x", "max_tokens": 5000}, "max_tokens"),
+    ({"prompt": "x " * 1100}, "prompt"),
+    ({"prompt": "x", "temperature": -0.5}, "temperature"),
+    ({"prompt": "x", "temperature": "hot"}, "temperature"),
+    ({"prompt": "x", "top_p": 1.5}, "top_p"),
+    ({"prompt": "x", "top_k": -2}, "top_k"),
+    ({"prompt": "x", "n": 0}, "n"),
+    ({"prompt": "x", "stream": "yes"}, "stream"),
+    ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"prompt": "x", "stop": 3}, "stop"),
+    ({"prompt": "x", "seed": "1"}, "seed"),
+    ({"prompt": "x", "logprobs": 2}, "logprobs"),
+    ({"prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
+    ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
+    ({"prompt": "x", "frobnicate": 1}, "frobnicate"),
+    ({"prompt": [[1, 2, 60000]]}, "prompt"),
+    ({}, "prompt"),
+]
+
+
+@pytest.mark.parametrize("body,param", BAD_REQUESTS, ids=[p for _, p in BAD_REQUESTS])
+def test_bad_request_is_400_naming_the_field_and_the_server_goes_on(client, body, param):
+    response = client.post("/v1/completions", json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and param in error["message"]
+    assert error["type"] == "invalid_request_error" and error["message"]
+    good = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
+    assert good.status_code == 200 and len(good.json()["choices"]) == 1
+
+
+def test_invalid_json_unknown_model_path_and_method(client):
+    response = client.post("/v1/completions", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert response.status_code == 400 and "JSON" in response.json()["error"]["message"]
+    response = client.post("/v1/completions", content=b"[1, 2]")
+    assert response.status_code == 400 and "object" in response.json()["error"]["message"]
+    response = client.post("/v1/completions", json={"model": "gpt-4", "prompt": "x"})
+    assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
+    assert "'tiny'" in response.json()["error"]["message"]
+    response = client.get("/v1/chat/nothing")
+    assert response.status_code == 404 and "error" in response.json()
+    response = client.get("/v1/completions")
+    assert response.status_code == 405 and "error" in response.json()
+    assert client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}).status_code == 200
+
+
+def test_models_health_and_page(client):
+    models = client.get("/v1/models").json()
+    assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["tiny"]
+    assert models["data"][0]["context_length"] == 1024
+    assert client.get("/v1/models/tiny").json()["id"] == "tiny"
+    assert client.get("/v1/models/other").status_code == 404
+    health = client.get("/health")
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    html = page.text
+    assert '"model": "tiny"' in html
+    assert "http://" not in html and "https://" not in html and "src=" not in html  # self-contained: nothing fetched
+
+
+def test_api_key(model_dir):
+    from fastapi.testclient import TestClient
+
+    app = build_app(loading.load(str(model_dir)), name="tiny", api_key="s3cret")
+    with TestClient(app) as client:
+        body = {"prompt": "x", "max_tokens": 2}
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            response = client.post("/v1/completions", json=body, headers=headers)
+            assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+            assert client.get("/v1/models", headers=headers).status_code == 401
+        ok = client.post("/v1/completions", json=body, headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200
+        assert client.get("/health").status_code == 200 and client.get("/").status_code == 200
+
+
+def test_a_request_larger_than_the_queue_is_refused(model_dir):
+    from fastapi.testclient import TestClient
+
+    app = build_app(loading.load(str(model_dir)), name="tiny", max_queue=2)
+    with TestClient(app) as client:
+        response = client.post("/v1/completions", json={"prompt": "x", "n": 3})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "n"
+        assert client.post("/v1/completions", json={"prompt": "x", "n": 2}).status_code == 200
+
+
+# ---- a real server (`gpt2scratch serve` in a subprocess) ----------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, model: Path, *options: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = [sys.executable, "-m", "gpt2scratch", "serve", str(model), "--port", str(self.port)]
+        self.process = subprocess.Popen(
+            [*command, "--log-level", "warning", *options], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            assert self.process.poll() is None, self.process.stdout.read()
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise AssertionError("the server did not start")
+
+    def health(self) -> dict:
+        return httpx.get(self.url + "/health", timeout=5).json()
+
+    def stop(self) -> str:
+        self.process.terminate()
+        output, _ = self.process.communicate(timeout=30)
+        return output
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    process = ServerProcess(model_dir, "--model-name", "tiny")
+    yield process
+    process.stop()
+
+
+def test_serve_binds_loopback_and_prints_where(server):
+    # listening on 127.0.0.1 only: the port answers there, and nothing listens on the other addresses
+    assert httpx.get(f"http://127.0.0.1:{server.port}/health").status_code == 200
+    outside = socket.gethostbyname(socket.gethostname())
+    if not outside.startswith("127."):
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://{outside}:{server.port}/health", timeout=2)
+
+
+def test_openai_client_completes_and_streams(server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.url + "/v1", api_key="unused")
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    answer = client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=10, temperature=0)
+    text = answer.choices[0].text
+    assert answer.choices[0].finish_reason in ("stop", "length") and answer.usage.completion_tokens >= 1
+    pieces = []
+    for chunk in client.completions.create(
+        model="tiny", prompt="ROMEO:", max_tokens=10, temperature=0, stream=True, stream_options={"include_usage": True}
+    ):
+        pieces += [c.text for c in chunk.choices]
+        if chunk.usage:
+            usage = chunk.usage
+    assert "".join(pieces) == text and len(pieces) > 1
+    assert usage.completion_tokens == answer.usage.completion_tokens
+    batch = client.completions.create(model="tiny", prompt=["a", "b"], n=2, max_tokens=5, seed=3)
+    assert len(batch.choices) == 4
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as error:
+        client.completions.create(model="tiny", prompt="x", temperature=-1)
+    assert error.value.body["param"] == "temperature"
+
+
+def test_32_concurrent_clients_lose_no_request(server):
+    """32 clients at once, 3 requests each (streamed and not): every answer is 200 and complete."""
+    before = server.health()["requests"]
+
+    def client_run(i: int) -> list[str]:
+        problems = []
+        with httpx.Client(base_url=server.url, timeout=120) as http:
+            for j in range(3):
+                body = {"prompt": f"Client {i} request {j}", "max_tokens": 16, "seed": i * 10 + j, "n": 1 + j % 2}
+                if j == 1:
+                    with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
+                        if response.status_code != 200:
+                            problems.append(f"stream status {response.status_code}")
+                            continue
+                        chunks, done = parse_stream(response.iter_lines())
+                    finished = sum(c["finish_reason"] is not None for chunk in chunks for c in chunk["choices"])
+                    if not done or finished != body["n"]:
+                        problems.append(f"stream incomplete: done={done} finished={finished}")
+                else:
+                    response = http.post("/v1/completions", json=body)
+                    if response.status_code != 200 or len(response.json()["choices"]) != body["n"]:
+                        problems.append(f"status {response.status_code}: {response.text[:200]}")
+        return problems
+
+    with ThreadPoolExecutor(32) as pool:
+        problems = [p for result in pool.map(client_run, range(32)) for p in result]
+    assert problems == []
+    health = server.health()
+    assert health["requests"] - before == 96
+    assert health["mean_batch_size"] > 1  # requests that arrived together shared forward passes
+
+
+def test_client_that_disconnects_mid_stream_frees_its_slot(server):
+    before = server.health()["tokens_generated"]
+    body = {"prompt": "ROMEO:", "max_tokens": 1000, "temperature": 1.0, "stream": True}
+    with httpx.Client(base_url=server.url, timeout=60) as http, http.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        next(line for line in r.iter_lines() if line.startswith("data: "))
+    # leaving the block closes the connection after the first chunk
+    deadline = time.time() + 20
+    while server.health()["running"] and time.time() < deadline:
+        time.sleep(0.05)
+    health = server.health()
+    assert health["running"] == 0 and health["waiting"] == 0
+    assert health["tokens_generated"] - before < 900  # it stopped long before its 1000 tokens
+    assert httpx.post(server.url + "/v1/completions", json={"prompt": "x", "max_tokens": 3}).status_code == 200
+
+
+def test_full_queue_answers_429_and_the_server_recovers(model_dir):
+    server = ServerProcess(model_dir, "--max-batch-size", "1", "--max-queue", "2", "--model-name", "tiny")
+    try:
+
+        def send(i: int) -> tuple[int, dict, str | None]:
+            response = httpx.post(server.url + "/v1/completions", json={"prompt": "x", "max_tokens": 200}, timeout=120)
+            return response.status_code, response.json(), response.headers.get("retry-after")
+
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(send, range(8)))
+        statuses = sorted(status for status, _, _ in results)
+        assert set(statuses) == {200, 429} and statuses.count(200) >= 3  # 1 running + 2 waiting at least
+        for status, body, retry_after in results:
+            if status == 429:
+                assert body["error"]["type"] == "server_busy" and "--max-queue" in body["error"]["message"]
+                assert retry_after is not None
+            else:
+                assert len(body["choices"]) == 1
+        assert httpx.post(server.url + "/v1/completions", json={"prompt": "x", "max_tokens": 3}).status_code == 200
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_load_test_script_reports_no_failures(server):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "serve_load.py"), "--url", server.url, "--model-name", "tiny"]
+        + ["--clients", "8", "--requests", "2", "--max-tokens", "8", "--time-limit", "60"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    row = next(line for line in result.stdout.splitlines() if line.startswith("server"))
+    sent, failed, rejected = map(int, row.split()[1:4])
+    assert (sent, failed, rejected) == (16, 0, 0)
