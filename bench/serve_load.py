@@ -1,0 +1,313 @@
+"""Load-test `gpt2scratch serve`: N concurrent clients, each sending several completions (half of them streamed).
+
+    python bench/serve_load.py                          # random `mini` model, 32 clients x 4 requests
+    python bench/serve_load.py --model runs/shakespeare --clients 32 --requests 8
+    python bench/serve_load.py --url http://127.0.0.1:8000 --model-name shakespeare   # a server already running
+
+Without --url it starts the server itself on a free loopback port, twice: with continuous batching
+(--max-batch-size, default 16) and with batching off (batch 1), then times the reference, transformers'
+GPT2LMHeadModel.generate() on the same weights serving the same kind of requests one after another (what a
+server without batching does), and prints tokens/s side by side as ratios. Loopback only; every phase stops
+issuing requests after --time-limit seconds.
+
+Reported per phase: requests sent, failed or malformed answers (must be 0), 429s (queue full), generated
+tokens, wall time, tokens/s, latency percentiles (whole request) and time to first token for streams.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import httpx
+
+PROMPTS = [
+    "ROMEO:",
+    "The history of the world",
+    "Once upon a time, in a small village by the sea,",
+    "First Citizen:\nBefore we proceed any further, hear me speak.",
+    "To be, or not to be",
+    "In the beginning",
+    "The quick brown fox",
+    "It was the best of times, it was the worst of times,",
+]
+
+
+@dataclass
+class Result:
+    latencies: list[float] = field(default_factory=list)
+    first_token: list[float] = field(default_factory=list)
+    tokens: int = 0
+    sent: int = 0
+    failed: int = 0
+    rejected: int = 0
+    errors: list[str] = field(default_factory=list)
+    wall: float = 0.0
+
+
+async def one_request(client: httpx.AsyncClient, body: dict, result: Result) -> None:
+    result.sent += 1
+    started = time.perf_counter()
+    n_choices = body.get("n", 1)
+    try:
+        if not body["stream"]:
+            response = await client.post("/v1/completions", json=body)
+            if response.status_code == 429:
+                result.rejected += 1
+                return
+            answer = response.json()
+            assert response.status_code == 200, f"status {response.status_code}: {answer}"
+            assert len(answer["choices"]) == n_choices, "wrong number of choices"
+            assert all(c["finish_reason"] in ("stop", "length") for c in answer["choices"]), "no finish_reason"
+            result.tokens += answer["usage"]["completion_tokens"]
+        else:
+            async with client.stream("POST", "/v1/completions", json=body) as response:
+                if response.status_code == 429:
+                    result.rejected += 1
+                    await response.aread()
+                    return
+                assert response.status_code == 200, f"status {response.status_code}"
+                finished, done, usage, first = 0, False, None, None
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    data = line[6:]
+                    if data == "[DONE]":
+                        done = True
+                        continue
+                    message = json.loads(data)
+                    assert "error" not in message, message
+                    if message.get("usage"):
+                        usage = message["usage"]
+                    for c in message["choices"]:
+                        if first is None and c["text"]:
+                            first = time.perf_counter() - started
+                        finished += c["finish_reason"] is not None
+                assert done, "stream did not end with data: [DONE]"
+                assert finished == n_choices, "a choice never finished"
+                assert usage is not None, "no usage chunk"
+                result.tokens += usage["completion_tokens"]
+                if first is not None:
+                    result.first_token.append(first)
+    except Exception as error:  # a failed or malformed answer: counted, the load goes on
+        result.failed += 1
+        result.errors.append(f"{type(error).__name__}: {error}")
+        return
+    result.latencies.append(time.perf_counter() - started)
+
+
+async def run_load(url: str, model: str, args: argparse.Namespace, api_key: str | None = None) -> Result:
+    result = Result()
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    limits = httpx.Limits(max_connections=args.clients + 4)
+    deadline = time.perf_counter() + args.time_limit
+
+    async def client_task(client_id: int, client: httpx.AsyncClient) -> None:
+        rng = random.Random(client_id)
+        for i in range(args.requests):
+            if time.perf_counter() > deadline:
+                return
+            body = {
+                "model": model,
+                "prompt": rng.choice(PROMPTS),
+                "max_tokens": args.max_tokens,
+                "temperature": 1.0,
+                "top_k": 50,
+                "seed": client_id * 1000 + i,
+                "stream": i % 2 == 1,
+            }
+            if body["stream"]:
+                body["stream_options"] = {"include_usage": True}
+            await one_request(client, body, result)
+
+    timeout = httpx.Timeout(args.time_limit + 60)
+    async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=timeout) as client:
+        started = time.perf_counter()
+        await asyncio.gather(*(client_task(c, client) for c in range(args.clients)))
+        result.wall = time.perf_counter() - started
+    return result
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))]
+
+
+def report(name: str, r: Result) -> float:
+    tok_s = r.tokens / r.wall if r.wall else 0.0
+    ms = lambda values, q: percentile(values, q) * 1000  # noqa: E731
+    print(
+        f"{name:<26} {r.sent:>5} {r.failed:>6} {r.rejected:>5} {r.tokens:>7} {r.wall:>7.1f} {tok_s:>8.1f} "
+        f"{ms(r.latencies, 50):>8.0f} {ms(r.latencies, 90):>8.0f} {ms(r.latencies, 99):>8.0f} "
+        f"{ms(r.first_token, 50):>9.0f}"
+    )
+    for error in r.errors[:5]:
+        print(f"    failure: {error}")
+    return tok_s
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`gpt2scratch serve` in a subprocess on a free loopback port."""
+
+    def __init__(self, model_dir: str, max_batch_size: int, max_queue: int):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = [sys.executable, "-m", "gpt2scratch", "serve", model_dir, "--port", str(self.port)]
+        command += ["--max-batch-size", str(max_batch_size), "--max-queue", str(max_queue)]
+        command += ["--model-name", "bench", "--log-level", "warning", "--device", "cpu"]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the server exited: {self.process.stderr.read()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise RuntimeError("the server did not start within 120 s")
+
+    def health(self) -> dict:
+        return httpx.get(self.url + "/health", timeout=5).json()
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
+def random_model(preset: str, folder: Path) -> str:
+    import torch
+
+    from gpt2scratch import checkpoint
+    from gpt2scratch.config import resolve_config
+    from gpt2scratch.dataset.tokenizer import GPT2_DIR
+    from gpt2scratch.models import GPT
+
+    torch.manual_seed(0)
+    config = resolve_config(preset)
+    model = GPT(config.model)
+    checkpoint.write_model_folder(folder, model.state_dict(), {"step": 0, "config": config.to_dict()}, GPT2_DIR)
+    return str(folder)
+
+
+def transformers_serial(model_dir: str, args: argparse.Namespace) -> Result:
+    """The reference: transformers' generate() on the same weights, one request after another (no batching)."""
+    import torch
+
+    from gpt2scratch import loading
+    from gpt2scratch.hf import hf_model_from_gpt
+
+    loaded = loading.load(model_dir)
+    model = hf_model_from_gpt(loaded.model).eval()
+    result = Result()
+    deadline = time.perf_counter() + args.time_limit
+    started = time.perf_counter()
+    rng = random.Random(0)
+    for i in range(args.reference_requests):
+        if time.perf_counter() > deadline:
+            break
+        ids = torch.tensor([loaded.tokenizer.encode(rng.choice(PROMPTS))])
+        t0 = time.perf_counter()
+        torch.manual_seed(i)
+        with torch.no_grad():
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=True,
+                top_k=50,
+                max_new_tokens=args.max_tokens,
+                eos_token_id=loaded.tokenizer.eot_id,
+                pad_token_id=loaded.tokenizer.eot_id,
+            )
+        result.sent += 1
+        result.tokens += out.size(1) - ids.size(1)
+        result.latencies.append(time.perf_counter() - t0)
+    result.wall = time.perf_counter() - started
+    return result
+
+
+def check_loopback(url: str) -> None:
+    host = urlparse(url).hostname or ""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise SystemExit(f"--url must be a loopback address (127.0.0.1, ::1 or localhost), not {host!r}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="a checkpoint, run or Hugging Face folder (default: random --preset)")
+    parser.add_argument("--preset", default="mini", help="shape of the random model without --model (default mini)")
+    parser.add_argument("--url", help="load-test a server already running on loopback (no comparison then)")
+    parser.add_argument("--model-name", default="bench", help="model id to send with --url")
+    parser.add_argument("--api-key", default=os.environ.get("GPT2SCRATCH_API_KEY"))
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--requests", type=int, default=4, help="requests per client")
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--max-queue", type=int, default=256)
+    parser.add_argument("--reference-requests", type=int, default=16, help="requests timed with transformers")
+    parser.add_argument("--time-limit", type=float, default=300, help="seconds per phase before new requests stop")
+    args = parser.parse_args()
+    header = (
+        f"{'':<26} {'sent':>5} {'failed':>6} {'429':>5} {'tokens':>7} {'wall s':>7} {'tok/s':>8} "
+        f"{'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'ttft p50':>9}"
+    )
+    if args.url:
+        check_loopback(args.url)
+        print(f"{args.clients} clients x {args.requests} requests, max_tokens {args.max_tokens} -> {args.url}")
+        print(header)
+        result = asyncio.run(run_load(args.url.rstrip("/"), args.model_name, args, args.api_key))
+        report("server", result)
+        sys.exit(1 if result.failed else 0)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = args.model or random_model(args.preset, Path(tmp) / "model")
+        print(
+            f"{model_dir}: {args.clients} clients x {args.requests} requests (half streamed), max_tokens "
+            f"{args.max_tokens}, sampling top-k 50; CPU, {os.cpu_count()} cores"
+        )
+        print(header)
+        rates, failed = {}, 0
+        for name, batch in ((f"ours, batch {args.max_batch_size}", args.max_batch_size), ("ours, batch 1", 1)):
+            server = Server(model_dir, batch, args.max_queue)
+            try:
+                result = asyncio.run(run_load(server.url, "bench", args))
+                rates[name] = report(name, result)
+                failed += result.failed
+                mean_batch = server.health()["mean_batch_size"]
+            finally:
+                server.close()
+            print(f"{'':<26} mean batch size {mean_batch}")
+        reference = transformers_serial(model_dir, args)
+        rates["transformers"] = report("transformers, serial", reference)
+        for name, rate in rates.items():
+            if name != "transformers":
+                print(f"{name} / transformers serial: {rate / rates['transformers']:.2f}x tokens/s")
+        sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
