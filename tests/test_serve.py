@@ -526,3 +526,25 @@ def test_load_test_script_reports_no_failures(server):
     row = next(line for line in result.stdout.splitlines() if line.startswith("server"))
     sent, failed, rejected = map(int, row.split()[1:4])
     assert (sent, failed, rejected) == (16, 0, 0)
+
+
+def test_503_when_the_engine_has_stopped(model_dir):
+    from fastapi.testclient import TestClient
+
+    app = build_app(loading.load(str(model_dir)), name="tiny")
+    with TestClient(app) as client:
+        app.state.engine.stop()
+        response = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
+        assert response.status_code == 503 and response.json()["error"]["type"] == "server_error"
+        assert client.get("/health").status_code == 503
+
+
+def test_client_that_disconnects_while_waiting_for_a_whole_answer_frees_its_slot(server):
+    before = server.health()["tokens_generated"]
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up after 0.3 s and closes the connection
+        httpx.post(server.url + "/v1/completions", json={"prompt": "x", "max_tokens": 1000}, timeout=0.3)
+    deadline = time.time() + 20
+    while server.health()["running"] and time.time() < deadline:
+        time.sleep(0.05)
+    assert server.health()["running"] == 0
+    assert server.health()["tokens_generated"] - before < 900

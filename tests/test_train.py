@@ -372,3 +372,18 @@ def test_main_py_default_run_with_a_short_budget(tmp_path):
     assert evals and all({"step", "val_loss", "val_bpb"} <= r.keys() for r in evals)
     assert evals[-1]["val_bpb"] < 3.5  # learned something: a uniform guess over 4096 tokens gives 12 x 0.337 = 4.04
     assert (tmp_path / "run" / "hf" / "model.safetensors").is_file()
+
+    # ... and `gpt2scratch serve` serves what it left: the run (its latest checkpoint) and its Hugging Face folder
+    from fastapi.testclient import TestClient
+
+    from gpt2scratch import loading
+    from gpt2scratch.generation import complete
+    from gpt2scratch.serve import build_app
+
+    for source in (tmp_path / "run", tmp_path / "run" / "hf"):
+        loaded = loading.load(str(source))
+        alone = complete(loaded.model, loaded.tokenizer, ["ROMEO:\n"], 30, temperature=0)[0]
+        with TestClient(build_app(loaded)) as client:
+            answer = client.post("/v1/completions", json={"prompt": "ROMEO:\n", "max_tokens": 30, "temperature": 0})
+            assert answer.status_code == 200 and answer.json()["model"] == "run"
+            assert answer.json()["choices"][0]["text"] == alone

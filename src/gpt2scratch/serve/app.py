@@ -29,7 +29,7 @@ from gpt2scratch.serve.engine import Engine, EngineStopped, Event, Job, QueueFul
 from gpt2scratch.serve.protocol import APIError, Limits
 
 log = logging.getLogger(__name__)
-DISCONNECT_POLL_S = 0.5  # how often a waiting non-streaming request checks that its client is still there
+DISCONNECT_POLL_S = 0.1  # how often a waiting non-streaming request checks that its client is still there
 
 
 def create_app(engine: Engine, limits: Limits, api_key: str | None = None) -> FastAPI:
@@ -136,7 +136,8 @@ def create_app(engine: Engine, limits: Limits, api_key: str | None = None) -> Fa
         if completion.stream:
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
             return StreamingResponse(answer.stream(), media_type="text/event-stream", headers=headers)
-        return JSONResponse(await answer.whole(request))
+        whole = await answer.whole(request)
+        return JSONResponse(whole) if whole is not None else Response(status_code=499)  # nobody is listening
 
     return app
 
@@ -161,6 +162,8 @@ class _Answer:
         left = request.n_choices
         while left:
             event = await self.job.events.get()
+            if event.finish_reason == "disconnected":
+                return
             if event.finish_reason == "error":
                 raise APIError(500, event.text, type="server_error")
             if event.finish_reason is not None:
@@ -168,30 +171,30 @@ class _Answer:
                 self.completion_tokens[event.choice] = event.completion_tokens
             yield event
 
-    async def whole(self, http_request: Request) -> dict:
+    async def whole(self, http_request: Request) -> dict | None:
+        """The whole answer, or None if the client went away first (its rows are cancelled then)."""
+        gone = asyncio.Event()
+
+        async def watch() -> None:  # is the client still there? (a stream notices when a write fails instead)
+            while not await http_request.is_disconnected():
+                await asyncio.sleep(DISCONNECT_POLL_S)
+            gone.set()
+            self.job.cancel()
+            self.job.events.put_nowait(Event(-1, "", "disconnected"))
+
         texts = list(self.prefix)
         finish: list[str | None] = [None] * len(texts)
-        events = self.events()
+        watcher = asyncio.create_task(watch())
         try:
-            while True:
-                next_event = asyncio.ensure_future(anext(events))
-                while True:  # wait, checking now and then that the client has not gone
-                    done, _ = await asyncio.wait({next_event}, timeout=DISCONNECT_POLL_S)
-                    if done:
-                        break
-                    if await http_request.is_disconnected():
-                        next_event.cancel()
-                        self.job.cancel()
-                        return {}
-                try:
-                    event = next_event.result()
-                except StopAsyncIteration:
-                    break
+            async for event in self.events():
                 texts[event.choice] += event.text
                 if event.finish_reason:
                     finish[event.choice] = event.finish_reason
         finally:
+            watcher.cancel()
             self.job.cancel()  # no-op once every row has finished
+        if gone.is_set():
+            return None
         choices = [protocol.choice(i, text, finish[i]) for i, text in enumerate(texts)]
         return protocol.completion(
             self.id, self.created, self.model, choices, self.prompt_tokens, sum(self.completion_tokens)
