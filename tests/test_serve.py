@@ -548,3 +548,19 @@ def test_client_that_disconnects_while_waiting_for_a_whole_answer_frees_its_slot
         time.sleep(0.05)
     assert server.health()["running"] == 0
     assert server.health()["tokens_generated"] - before < 900
+
+
+def test_serve_refuses_a_port_in_use_before_loading(model_dir):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "gpt2scratch", "serve", str(model_dir), "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr and "--port" in result.stderr
+    assert "Serving" not in result.stdout

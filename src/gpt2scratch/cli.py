@@ -437,6 +437,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "(pass --api-key KEY to require 'Authorization: Bearer KEY')",
             file=sys.stderr,
         )
+    _check_port_free(args.host, args.port)  # before the minutes a large model may take to load
     device, _ = pick_device(args.device)
     loaded = loading.load(args.model, device)
     torch.set_grad_enabled(False)
@@ -453,6 +454,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     return 0
+
+
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as error:
+        raise UserError(
+            f"cannot listen on {host}:{port} ({error.strerror or error}): another server may be running there; "
+            "pass another --port, or a --host this machine has"
+        ) from None
 
 
 # ----------------------------------------------------------------------------------------------------------------------

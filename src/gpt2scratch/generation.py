@@ -86,7 +86,7 @@ def sample_rows(
     return greedy.index_copy(0, rows, token.squeeze(-1))
 
 
-def _left_pad(prompts: Sequence[Sequence[int]], context: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+def left_pad(prompts: Sequence[Sequence[int]], context: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(B, T) ids, each prompt cropped to its last `context` tokens and left-padded to the longest, and the
     (B,) pad lengths (None when no row is padded)."""
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -117,7 +117,7 @@ def stream_tokens(
     context = model.config.context_length
     if isinstance(prompts, torch.Tensor):
         prompts = prompts.tolist()
-    history, pad = _left_pad(prompts, context, device)
+    history, pad = left_pad(prompts, context, device)
     was_training = model.training
     model.eval()
     caches = model.new_kv_caches()

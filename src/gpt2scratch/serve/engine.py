@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gpt2scratch.generation import TextStream, _left_pad, sample_rows
+from gpt2scratch.generation import TextStream, left_pad, sample_rows
 from gpt2scratch.models.gpt import GPT
 from gpt2scratch.models.multi_head_self_attention import KVCache
 from gpt2scratch.serve.protocol import CompletionRequest
@@ -203,7 +203,7 @@ class Engine:
                     new.append(row)
         if not new:
             return
-        ids, pad = _left_pad([row.prompt for row in new], self.context, self.device)
+        ids, pad = left_pad([row.prompt for row in new], self.context, self.device)
         pad = pad if pad is not None else torch.zeros(len(new), dtype=torch.long, device=self.device)
         caches = self.model.new_kv_caches()
         logits, _ = self.model(ids, caches=caches, pad_lengths=pad if bool(pad.any()) else None)
