@@ -197,10 +197,10 @@ class Engine:
         """Move waiting rows into the batch: one forward pass over their prompts, then join the caches."""
         new: list[Row] = []
         with self._cond:
+            if any(row.job.cancelled for row in self._pending):  # clients gone while waiting: free their places
+                self._pending = deque(row for row in self._pending if not row.job.cancelled)
             while self._pending and len(self._rows) + len(new) < self.max_batch_size:
-                row = self._pending.popleft()
-                if not row.job.cancelled:
-                    new.append(row)
+                new.append(self._pending.popleft())
         if not new:
             return
         ids, pad = left_pad([row.prompt for row in new], self.context, self.device)
