@@ -48,9 +48,13 @@ class KVCache:
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Keep only these batch rows (a (B',) index tensor), in this order."""
-        if self.k is not None:
-            self.k = self.k.index_select(0, rows)
-            self.v = self.v.index_select(0, rows)
+        if self.k is None:
+            return
+        for name in ("k", "v"):  # copy the positions in use, not the whole max_len buffer
+            old = getattr(self, name)
+            new = old.new_empty(rows.numel(), *old.shape[1:])
+            new[:, :, : self.length] = old[:, :, : self.length].index_select(0, rows)
+            setattr(self, name, new)
 
     def drop_front(self, n: int) -> None:
         """Forget the first n positions (padding that no row needs any more)."""
