@@ -18,7 +18,7 @@ import time
 import torch
 
 from gpt2scratch.config import resolve_config
-from gpt2scratch.generation import generate_ids
+from gpt2scratch.generation import decoding_layout, generate_ids
 from gpt2scratch.hf import hf_model_from_gpt
 from gpt2scratch.models import GPT
 
@@ -34,6 +34,7 @@ def main() -> None:
     torch.manual_seed(0)
     ours = GPT(resolve_config(args.preset).model).eval()
     theirs = hf_model_from_gpt(ours)
+    decoding_layout(ours)  # as `gpt2scratch generate` and `serve` do
     vocab = ours.config.vocab_size
     # transformers has no rule for going past the context (position ids run out): stay within it
     args.new_tokens = min(args.new_tokens, ours.config.context_length - args.prompt_tokens)

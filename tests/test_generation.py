@@ -6,7 +6,7 @@ from torch.testing import assert_close
 
 from conftest import tiny_config
 from gpt2scratch.dataset.tokenizer import Tokenizer
-from gpt2scratch.generation import TextStream, complete, generate_ids, sample_next, stream_tokens
+from gpt2scratch.generation import TextStream, complete, decoding_layout, generate_ids, sample_next, stream_tokens
 from gpt2scratch.hf import hf_model_from_gpt
 from gpt2scratch.models import GPT
 
@@ -140,3 +140,21 @@ def test_empty_prompt_is_an_error():
     model, _ = model_and_prompts()
     with pytest.raises(ValueError, match="every prompt needs at least one token"):
         generate_ids(model, [[]], 5)
+
+
+@pytest.mark.parametrize("weight_tying", [True, False])
+def test_decoding_layout_keeps_values_and_generation(weight_tying):
+    """The in-major weight layout changes memory order only: same parameters, same logits, same greedy tokens."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config(weight_tying=weight_tying)).eval()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    prompts = torch.randint(0, 101, (3, 7))
+    logits = model(prompts)[0]
+    greedy = generate_ids(model, prompts.tolist(), 20, temperature=0)
+    decoding_layout(model)
+    assert not model.lm_head.weight.is_contiguous() and model.lm_head.weight.t().is_contiguous()
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name
+    assert (model.lm_head.weight is model.transformer.wte.weight) == weight_tying
+    assert_close(model(prompts)[0], logits, rtol=1e-5, atol=1e-5)
+    assert generate_ids(model, prompts.tolist(), 20, temperature=0) == greedy

@@ -337,11 +337,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from gpt2scratch import loading
-    from gpt2scratch.generation import stream_text
+    from gpt2scratch.generation import decoding_layout, stream_text
     from gpt2scratch.trainer import pick_device
 
     device, _ = pick_device(args.device)
     loaded = loading.load(args.model, device)
+    decoding_layout(loaded.model)
     defaults = loaded.config.training
     options = dict(
         max_new_tokens=args.max_new_tokens if args.max_new_tokens is not None else defaults.max_new_token,

@@ -14,6 +14,7 @@ from gpt2scratch.serve.protocol import Limits
 
 def build_app(loaded, name: str | None = None, max_batch_size: int = 16, max_queue: int = 256, api_key=None):
     """A FastAPI app serving a `loading.LoadedModel` (the engine starts with the app)."""
+    from gpt2scratch.generation import decoding_layout
     from gpt2scratch.serve.app import create_app
     from gpt2scratch.serve.engine import Engine
 
@@ -26,7 +27,7 @@ def build_app(loaded, name: str | None = None, max_batch_size: int = 16, max_que
         default_temperature=training.temperature,
         extra={"parameters": loaded.model.num_params()},
     )
-    engine = Engine(loaded.model, loaded.tokenizer, max_batch_size=max_batch_size, max_queue=max_queue)
+    engine = Engine(decoding_layout(loaded.model), loaded.tokenizer, max_batch_size=max_batch_size, max_queue=max_queue)
     return create_app(engine, limits, api_key)
 
 
