@@ -4,11 +4,11 @@
     python bench/serve_load.py --model runs/shakespeare --clients 32 --requests 8
     python bench/serve_load.py --url http://127.0.0.1:8000 --model-name shakespeare   # a server already running
 
-Without --url it starts the server itself on a free loopback port, twice: with continuous batching
-(--max-batch-size, default 16) and with batching off (batch 1), then times the reference, transformers'
-GPT2LMHeadModel.generate() on the same weights serving the same kind of requests one after another (what a
-server without batching does), and prints tokens/s side by side as ratios. Loopback only; every phase stops
-issuing requests after --time-limit seconds.
+Without --url it starts two servers on free loopback ports, one with continuous batching (--max-batch-size,
+default 16) and one with batching off (batch 1), and loads the reference, transformers' GPT2LMHeadModel
+.generate() on the same weights serving the same kind of requests one after another (what a server without
+batching does); it runs the three phases in turn for --rounds rounds and prints median tokens/s side by side,
+with ratios. Loopback only; every phase stops issuing requests after --time-limit seconds.
 
 Reported per phase: requests sent, failed or malformed answers (must be 0), 429s (queue full), generated
 tokens, wall time, tokens/s, latency percentiles (whole request) and time to first token for streams.
@@ -23,6 +23,7 @@ import json
 import os
 import random
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -147,8 +148,23 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))]
 
 
-def report(name: str, r: Result) -> float:
-    tok_s = r.tokens / r.wall if r.wall else 0.0
+def merge(results: list[Result]) -> Result:
+    """Several rounds of one phase as one: counts summed, latencies pooled."""
+    merged = Result()
+    for r in results:
+        merged.latencies += r.latencies
+        merged.first_token += r.first_token
+        merged.errors += r.errors
+        merged.tokens += r.tokens
+        merged.sent += r.sent
+        merged.failed += r.failed
+        merged.rejected += r.rejected
+        merged.wall += r.wall
+    return merged
+
+
+def report(name: str, r: Result, tok_s: float | None = None) -> float:
+    tok_s = tok_s if tok_s is not None else (r.tokens / r.wall if r.wall else 0.0)
     ms = lambda values, q: percentile(values, q) * 1000  # noqa: E731
     print(
         f"{name:<26} {r.sent:>5} {r.failed:>6} {r.rejected:>5} {r.tokens:>7} {r.wall:>7.1f} {tok_s:>8.1f} "
@@ -210,40 +226,45 @@ def random_model(preset: str, folder: Path) -> str:
     return str(folder)
 
 
-def transformers_serial(model_dir: str, args: argparse.Namespace) -> Result:
+class TransformersSerial:
     """The reference: transformers' generate() on the same weights, one request after another (no batching)."""
-    import torch
 
-    from gpt2scratch import loading
-    from gpt2scratch.hf import hf_model_from_gpt
+    def __init__(self, model_dir: str):
+        from gpt2scratch import loading
+        from gpt2scratch.hf import hf_model_from_gpt
 
-    loaded = loading.load(model_dir)
-    model = hf_model_from_gpt(loaded.model).eval()
-    result = Result()
-    deadline = time.perf_counter() + args.time_limit
-    started = time.perf_counter()
-    rng = random.Random(0)
-    for i in range(args.reference_requests):
-        if time.perf_counter() > deadline:
-            break
-        ids = torch.tensor([loaded.tokenizer.encode(rng.choice(PROMPTS))])
-        t0 = time.perf_counter()
-        torch.manual_seed(i)
-        with torch.no_grad():
-            out = model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                do_sample=True,
-                top_k=50,
-                max_new_tokens=args.max_tokens,
-                eos_token_id=loaded.tokenizer.eot_id,
-                pad_token_id=loaded.tokenizer.eot_id,
-            )
-        result.sent += 1
-        result.tokens += out.size(1) - ids.size(1)
-        result.latencies.append(time.perf_counter() - t0)
-    result.wall = time.perf_counter() - started
-    return result
+        self.loaded = loading.load(model_dir)
+        self.model = hf_model_from_gpt(self.loaded.model).eval()
+
+    def run(self, args: argparse.Namespace, round_index: int) -> Result:
+        import torch
+
+        eot = self.loaded.tokenizer.eot_id
+        result = Result()
+        deadline = time.perf_counter() + args.time_limit
+        started = time.perf_counter()
+        rng = random.Random(round_index)
+        for i in range(args.reference_requests):
+            if time.perf_counter() > deadline:
+                break
+            ids = torch.tensor([self.loaded.tokenizer.encode(rng.choice(PROMPTS))])
+            t0 = time.perf_counter()
+            torch.manual_seed(round_index * 1000 + i)
+            with torch.no_grad():
+                out = self.model.generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    do_sample=True,
+                    top_k=50,
+                    max_new_tokens=args.max_tokens,
+                    eos_token_id=eot,
+                    pad_token_id=eot,
+                )
+            result.sent += 1
+            result.tokens += out.size(1) - ids.size(1)
+            result.latencies.append(time.perf_counter() - t0)
+        result.wall = time.perf_counter() - started
+        return result
 
 
 def check_loopback(url: str) -> None:
@@ -270,6 +291,7 @@ def main() -> None:
     parser.add_argument("--max-queue", type=int, default=256)
     parser.add_argument("--reference-requests", type=int, default=16, help="requests timed with transformers")
     parser.add_argument("--time-limit", type=float, default=300, help="seconds per phase before new requests stop")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the three phases")
     args = parser.parse_args()
     header = (
         f"{'':<26} {'sent':>5} {'failed':>6} {'429':>5} {'tokens':>7} {'wall s':>7} {'tok/s':>8} "
@@ -287,26 +309,33 @@ def main() -> None:
         model_dir = args.model or random_model(args.preset, Path(tmp) / "model")
         print(
             f"{model_dir}: {args.clients} clients x {args.requests} requests (half streamed), max_tokens "
-            f"{args.max_tokens}, sampling top-k 50; CPU, {os.cpu_count()} cores"
+            f"{args.max_tokens}, sampling top-k 50; CPU, {os.cpu_count()} cores; {args.rounds} interleaved rounds, "
+            "tok/s = median over rounds, latencies pooled"
         )
-        print(header)
-        rates, failed = {}, 0
-        for name, batch in ((f"ours, batch {args.max_batch_size}", args.max_batch_size), ("ours, batch 1", 1)):
-            server = Server(model_dir, batch, args.max_queue)
-            try:
-                result = asyncio.run(run_load(server.url, "bench", args))
-                rates[name] = report(name, result)
-                failed += result.failed
-                mean_batch = server.health()["mean_batch_size"]
-            finally:
+        reference = TransformersSerial(model_dir)
+        servers = {}
+        try:
+            for name, batch in ((f"ours, batch {args.max_batch_size}", args.max_batch_size), ("ours, batch 1", 1)):
+                servers[name] = Server(model_dir, batch, args.max_queue)
+            results: dict[str, list[Result]] = {name: [] for name in [*servers, "transformers, serial"]}
+            for round_index in range(args.rounds):
+                for name, server in servers.items():
+                    results[name].append(asyncio.run(run_load(server.url, "bench", args)))
+                results["transformers, serial"].append(reference.run(args, round_index))
+            mean_batch = {name: server.health()["mean_batch_size"] for name, server in servers.items()}
+        finally:
+            for server in servers.values():
                 server.close()
-            print(f"{'':<26} mean batch size {mean_batch}")
-        reference = transformers_serial(model_dir, args)
-        rates["transformers"] = report("transformers, serial", reference)
+        print(header)
+        rates = {}
+        for name, rounds in results.items():
+            rates[name] = report(name, merge(rounds), statistics.median(r.tokens / r.wall for r in rounds))
+            if name in mean_batch:
+                print(f"{'':<26} mean batch size {mean_batch[name]}")
+        reference_rate = rates.pop("transformers, serial")
         for name, rate in rates.items():
-            if name != "transformers":
-                print(f"{name} / transformers serial: {rate / rates['transformers']:.2f}x tokens/s")
-        sys.exit(1 if failed else 0)
+            print(f"{name} / transformers serial: {rate / reference_rate:.2f}x tokens/s")
+        sys.exit(1 if any(r.failed for rounds in results.values() for r in rounds) else 0)
 
 
 if __name__ == "__main__":
