@@ -314,6 +314,8 @@ def test_invalid_json_unknown_model_path_and_method(client):
     assert response.status_code == 400 and "JSON" in response.json()["error"]["message"]
     response = client.post("/v1/completions", content=b"[1, 2]")
     assert response.status_code == 400 and "object" in response.json()["error"]["message"]
+    response = client.post("/v1/completions", content=b'{"prompt": "' + b"x" * (5 * 2**20) + b'"}')
+    assert response.status_code == 413 and "MiB" in response.json()["error"]["message"]
     response = client.post("/v1/completions", json={"model": "gpt-4", "prompt": "x"})
     assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
     assert "'tiny'" in response.json()["error"]["message"]

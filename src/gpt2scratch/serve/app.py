@@ -29,6 +29,7 @@ from gpt2scratch.serve.engine import Engine, EngineStopped, Event, Job, QueueFul
 from gpt2scratch.serve.protocol import APIError, Limits
 
 log = logging.getLogger(__name__)
+MAX_BODY_BYTES = 4 * 2**20  # a request body larger than this is refused (413) before it is parsed
 DISCONNECT_POLL_S = 0.1  # how often a waiting non-streaming request checks that its client is still there
 
 
@@ -115,7 +116,14 @@ def create_app(engine: Engine, limits: Limits, api_key: str | None = None) -> Fa
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         authorize(request)
-        body = protocol.parse_json(await request.body())
+        too_large = APIError(413, f"the request body is larger than {MAX_BODY_BYTES // 2**20} MiB")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            raise too_large
+        raw = await request.body()
+        if len(raw) > MAX_BODY_BYTES:
+            raise too_large
+        body = protocol.parse_json(raw)
         completion = protocol.parse_completion(body, engine.tokenizer, limits)
         if completion.n_choices > engine.max_queue:
             raise APIError(
