@@ -441,7 +441,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _check_port_free(args.host, args.port)  # before the minutes a large model may take to load
     device, _ = pick_device(args.device)
     loaded = loading.load(args.model, device)
-    torch.set_grad_enabled(False)
     if args.threads:
         torch.set_num_threads(args.threads)
     app = build_app(loaded, args.model_name, args.max_batch_size, args.max_queue, api_key)

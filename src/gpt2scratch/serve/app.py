@@ -183,7 +183,7 @@ class _Answer:
         """The whole answer, or None if the client went away first (its rows are cancelled then)."""
         gone = asyncio.Event()
 
-        async def watch() -> None:  # is the client still there? (a stream notices when a write fails instead)
+        async def watch() -> None:  # is the client still there? (for a stream, Starlette itself listens)
             while not await http_request.is_disconnected():
                 await asyncio.sleep(DISCONNECT_POLL_S)
             gone.set()
