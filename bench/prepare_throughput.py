@@ -20,7 +20,9 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from gpt2scratch.dataset.data_module import EMBEDDED_CORPUS, PrepareOptions, prepare
+from gpt2scratch.dataset.data_module import prepare
+from gpt2scratch.dataset.sources import EMBEDDED_CORPUS
+from gpt2scratch.options import PrepareOptions
 
 
 def corpus_texts() -> list[str]:

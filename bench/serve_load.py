@@ -22,9 +22,7 @@ import ipaddress
 import json
 import os
 import random
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -176,54 +174,18 @@ def report(name: str, r: Result, tok_s: float | None = None) -> float:
     return tok_s
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`gpt2scratch serve` in a subprocess on a free loopback port."""
-
-    def __init__(self, model_dir: str, max_batch_size: int, max_queue: int):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        command = [sys.executable, "-m", "gpt2scratch", "serve", model_dir, "--port", str(self.port)]
-        command += ["--max-batch-size", str(max_batch_size), "--max-queue", str(max_queue)]
-        command += ["--model-name", "bench", "--log-level", "warning", "--device", "cpu"]
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the server exited: {self.process.stderr.read()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        raise RuntimeError("the server did not start within 120 s")
-
-    def health(self) -> dict:
-        return httpx.get(self.url + "/health", timeout=5).json()
-
-    def close(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=30)
-
-
 def random_model(preset: str, folder: Path) -> str:
-    import torch
-
-    from gpt2scratch import checkpoint
     from gpt2scratch.config import resolve_config
-    from gpt2scratch.dataset.tokenizer import GPT2_DIR
-    from gpt2scratch.models import GPT
+    from gpt2scratch.testing import write_random_model
 
-    torch.manual_seed(0)
-    config = resolve_config(preset)
-    model = GPT(config.model)
-    checkpoint.write_model_folder(folder, model.state_dict(), {"step": 0, "config": config.to_dict()}, GPT2_DIR)
-    return str(folder)
+    return str(write_random_model(folder, resolve_config(preset).model))
+
+
+def start_server(model_dir: str, max_batch_size: int, max_queue: int):
+    from gpt2scratch.testing import ServerProcess
+
+    options = ["--max-batch-size", str(max_batch_size), "--max-queue", str(max_queue)]
+    return ServerProcess(model_dir, *options, "--model-name", "bench", "--device", "cpu")
 
 
 class TransformersSerial:
@@ -316,7 +278,7 @@ def main() -> None:
         servers = {}
         try:
             for name, batch in ((f"ours, batch {args.max_batch_size}", args.max_batch_size), ("ours, batch 1", 1)):
-                servers[name] = Server(model_dir, batch, args.max_queue)
+                servers[name] = start_server(model_dir, batch, args.max_queue)
             results: dict[str, list[Result]] = {name: [] for name in [*servers, "transformers, serial"]}
             for round_index in range(args.rounds):
                 for name, server in servers.items():
@@ -325,7 +287,7 @@ def main() -> None:
             mean_batch = {name: server.health()["mean_batch_size"] for name, server in servers.items()}
         finally:
             for server in servers.values():
-                server.close()
+                server.stop()
         print(header)
         rates = {}
         for name, rounds in results.items():

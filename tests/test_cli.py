@@ -1,12 +1,8 @@
 """The command line, run as a user runs it (a subprocess), for `info`."""
 
 import json
-import subprocess
-import sys
 
-
-def run(*args):
-    return subprocess.run([sys.executable, "-m", "gpt2scratch", *args], capture_output=True, text=True, timeout=120)
+from gpt2scratch.testing import run_cli as run
 
 
 def test_info_json_gpt2_and_seed_default():

@@ -2,25 +2,17 @@
 
 import gzip
 import json
-import subprocess
-import sys
-import tarfile
 
 import numpy as np
 import pytest
 
-from gpt2scratch.dataset import data_module
-from gpt2scratch.dataset.data_module import EMBEDDED_CORPUS, PrepareOptions, prepare
-from gpt2scratch.dataset.dataset import (
-    DataError,
-    DataModule,
-    TokenSplit,
-    TrainLoader,
-    read_manifest,
-    read_shard,
-    val_batches,
-)
+from gpt2scratch.dataset import data_module, sources
+from gpt2scratch.dataset.data_module import DataModule, prepare
+from gpt2scratch.dataset.dataset import TokenSplit, TrainLoader, val_batches
+from gpt2scratch.dataset.shards import DataError, read_manifest, read_shard
 from gpt2scratch.dataset.tokenizer import EOT, Tokenizer
+from gpt2scratch.options import PrepareOptions
+from gpt2scratch.testing import run_cli
 
 EOT_ID = 50256
 
@@ -46,10 +38,8 @@ def shakespeare(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def shakespeare_texts():
-    with tarfile.open(EMBEDDED_CORPUS, "r:xz") as archive:
-        members = sorted((m for m in archive.getmembers() if m.isfile()), key=lambda m: m.name)
-        return [archive.extractfile(m).read().decode("utf-8") for m in members]
+def shakespeare_texts(shakespeare_files):
+    return [data.decode("utf-8") for data in shakespeare_files.values()]
 
 
 def test_embedded_corpus_decodes_back_to_shakespeare(shakespeare, shakespeare_texts):
@@ -83,7 +73,7 @@ def test_pieces_of_a_long_text_tokenise_like_the_whole(tmp_path, monkeypatch, sh
     """Long texts are cut into pieces; cutting must never change a token (runs of spaces/newlines included)."""
     text = "".join(t[:20000] + "\n\n\n   \n  x  \t\n" + " " * 7 for t in shakespeare_texts[:6]) + "tail   "
     (tmp_path / "long.txt").write_text(text, encoding="utf-8")
-    monkeypatch.setattr(data_module, "READ_BYTES", 4096)
+    monkeypatch.setattr(sources, "READ_BYTES", 4096)
     monkeypatch.setattr(data_module, "TASK_CHARS", 1000)
     prepare([str(tmp_path / "long.txt")], tmp_path / "out", options(val_fraction=0.5, shard_tokens=5000))
     tokens = np.concatenate(
@@ -320,11 +310,7 @@ def test_val_batches_cover_the_split_in_order_across_ranks(shakespeare):
 
 
 def test_cli_prepare_bad_input_is_one_line(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "gpt2scratch", "prepare", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "o")],
-        capture_output=True,
-        text=True,
-    )
+    result = run_cli("prepare", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "o"))
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         f"gpt2scratch prepare: error: input {tmp_path}/nope.txt does not exist "

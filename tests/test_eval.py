@@ -2,8 +2,6 @@
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,11 +9,14 @@ import torch.nn.functional as F
 
 from gpt2scratch import evaluation
 from gpt2scratch.config import GPTConfig
-from gpt2scratch.dataset.data_module import PrepareOptions, prepare
-from gpt2scratch.dataset.dataset import TokenSplit, read_manifest
+from gpt2scratch.dataset.data_module import prepare
+from gpt2scratch.dataset.dataset import TokenSplit
+from gpt2scratch.dataset.shards import read_manifest
 from gpt2scratch.dataset.tokenizer import GPT2_DIR, Tokenizer
 from gpt2scratch.hf import export_folder
 from gpt2scratch.models import GPT
+from gpt2scratch.options import PrepareOptions
+from gpt2scratch.testing import run_cli, torchrun
 
 HELLASWAG = [
     {"ctx": "A man is sitting on a roof. he", "label": 3,
@@ -138,8 +139,7 @@ def test_bad_hellaswag_files_get_a_clear_error(tmp_path, content, message):
 
 def test_cli_eval_json_and_one_line_errors(exported, files):
     _, folder = exported
-    run = lambda *a: subprocess.run([sys.executable, "-m", "gpt2scratch", "eval", str(folder), *a],  # noqa: E731
-                                    capture_output=True, text=True, timeout=300)  # fmt: skip
+    run = lambda *a: run_cli("eval", str(folder), *a)  # noqa: E731
     result = run("--task", "hellaswag", "--data", str(files / "hellaswag.jsonl"), "--json", "--limit", "3")
     assert result.returncode == 0, result.stderr
     parsed = json.loads(result.stdout)
@@ -164,7 +164,7 @@ def test_training_logs_hellaswag_beside_val_loss(tmp_path, files):
         "--out",
         str(tmp_path / "r"),
     ]
-    result = subprocess.run([sys.executable, "-m", "gpt2scratch", "train", *args], capture_output=True, text=True)
+    result = run_cli("train", *args)
     assert result.returncode == 0, result.stderr[-2000:]
     records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "val_loss" in r]
@@ -175,20 +175,11 @@ def test_training_logs_hellaswag_beside_val_loss(tmp_path, files):
 @pytest.mark.distributed
 def test_torchrun_eval_equals_one_process(exported, files):
     """Two ranks split the examples and all-reduce the sums: the figures equal a single process's."""
-    import os
-
     _, folder = exported
     args = ["eval", str(folder), "--task", "hellaswag", "lambada", "--json", "--device", "cpu"]
     args += ["--hellaswag-file", str(files / "hellaswag.jsonl"), "--lambada-file", str(files / "lambada.jsonl")]
-    one = subprocess.run([sys.executable, "-m", "gpt2scratch", *args], capture_output=True, text=True, timeout=300)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    two = subprocess.run(
-        [*torchrun, "-m", "gpt2scratch", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    one = run_cli(*args)
+    two = torchrun(*args)
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
     a, b = json.loads(one.stdout)["results"], json.loads(two.stdout)["results"]
     assert [r["acc"] for r in a] == [r["acc"] for r in b] and a[0]["acc_norm"] == b[0]["acc_norm"]

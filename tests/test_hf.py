@@ -14,10 +14,7 @@ from gpt2scratch.config import GPTConfig
 from gpt2scratch.dataset.tokenizer import GPT2_DIR, Tokenizer
 from gpt2scratch.hf import export_folder
 from gpt2scratch.models import GPT
-
-
-def run_cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "gpt2scratch", *args], capture_output=True, text=True, timeout=timeout)
+from gpt2scratch.testing import run_cli
 
 
 @pytest.fixture(scope="module")

@@ -25,30 +25,16 @@ import httpx
 import pytest
 import torch
 
-from gpt2scratch import checkpoint, loading
-from gpt2scratch.config import Config, GPTConfig, TrainingConfig
-from gpt2scratch.dataset.tokenizer import GPT2_DIR
+from conftest import write_model
+from gpt2scratch import loading
 from gpt2scratch.generation import complete, sample_rows
-from gpt2scratch.models import GPT
-from gpt2scratch.models.multi_head_self_attention import KVCache
+from gpt2scratch.models.kv_cache import KVCache
 from gpt2scratch.serve import build_app
 from gpt2scratch.serve.engine import Engine, Job
 from gpt2scratch.serve.protocol import CompletionRequest
+from gpt2scratch.testing import ServerProcess, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def write_model(folder: Path, context_length: int, emb_dim: int = 32, n_layers: int = 2) -> Path:
-    torch.manual_seed(0)
-    config = GPTConfig(
-        vocab_size=50257, context_length=context_length, emb_dim=emb_dim, n_heads=2, n_layers=n_layers, drop_rate=0.0
-    )
-    model = GPT(config)
-    with torch.no_grad():  # a sharper distribution than a fresh init, so greedy choices are not near-ties
-        model.lm_head.weight.mul_(20)
-    state = {"step": 0, "config": Config(model=config, training=TrainingConfig()).to_dict()}
-    checkpoint.write_model_folder(folder, model.state_dict(), state, GPT2_DIR)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -369,39 +355,6 @@ def test_a_request_larger_than_the_queue_is_refused(model_dir):
 # ---- a real server (`gpt2scratch serve` in a subprocess) ----------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    def __init__(self, model: Path, *options: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        command = [sys.executable, "-m", "gpt2scratch", "serve", str(model), "--port", str(self.port)]
-        self.process = subprocess.Popen(
-            [*command, "--log-level", "warning", *options], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            assert self.process.poll() is None, self.process.stdout.read()
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        raise AssertionError("the server did not start")
-
-    def health(self) -> dict:
-        return httpx.get(self.url + "/health", timeout=5).json()
-
-    def stop(self) -> str:
-        self.process.terminate()
-        output, _ = self.process.communicate(timeout=30)
-        return output
-
-
 @pytest.fixture(scope="module")
 def server(model_dir):
     process = ServerProcess(model_dir, "--model-name", "tiny")
@@ -557,12 +510,7 @@ def test_serve_refuses_a_port_in_use_before_loading(model_dir):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = subprocess.run(
-            [sys.executable, "-m", "gpt2scratch", "serve", str(model_dir), "--port", str(port)],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        result = run_cli("serve", str(model_dir), "--port", str(port), timeout=120)
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr and "--port" in result.stderr
     assert "Serving" not in result.stdout

@@ -10,7 +10,8 @@ import time
 import httpx
 import pytest
 
-from test_serve import ServerProcess, write_model
+from conftest import write_model
+from gpt2scratch.testing import ServerProcess
 
 pytestmark = pytest.mark.browser
 

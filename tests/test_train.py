@@ -2,7 +2,6 @@
 
 import json
 import math
-import os
 import shutil
 import signal
 import subprocess
@@ -14,27 +13,18 @@ import torch
 
 from gpt2scratch import checkpoint
 from gpt2scratch.config import GPTConfig, TrainingConfig, resolve_config
-from gpt2scratch.dataset.data_module import PrepareOptions, prepare
-from gpt2scratch.dataset.dataset import DataModule
+from gpt2scratch.dataset.data_module import DataModule
 from gpt2scratch.models import GPT
-from gpt2scratch.trainer import Runtime, Trainer, TrainingError, configure_optimizer, lr_at
+from gpt2scratch.runtime import Runtime
+from gpt2scratch.testing import COMMAND, run_cli, torchrun
+from gpt2scratch.trainer import Trainer, TrainingError, configure_optimizer, lr_at
 
 TRAIN_ARGS = ["--preset", "tiny", "--tokens-per-step", "0", "--batch-size", "4", "--warmup-steps", "5"]
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """A small corpus with a 512-token BPE, so that tiny models train in milliseconds per step."""
-    from gpt2scratch.dataset.data_module import EMBEDDED_CORPUS  # noqa: F401 (the corpus ships with the package)
-
-    root = tmp_path_factory.mktemp("data")
-    import tarfile
-
-    with tarfile.open(EMBEDDED_CORPUS, "r:xz") as archive:
-        member = archive.getmember("hamlet_gut.txt")
-        (root / "hamlet.txt").write_bytes(archive.extractfile(member).read()[:300_000])
-    prepare([str(root / "hamlet.txt")], root / "out", PrepareOptions(tokenizer="bpe:512", workers=1, progress=False))
-    return root / "out"
+def data_dir(hamlet_data):
+    return hamlet_data
 
 
 def cpu_runtime() -> Runtime:
@@ -56,12 +46,6 @@ def make_trainer(config, run_dir, resume=False) -> Trainer:
 def metrics(run_dir, key="train_loss") -> dict[int, float]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return {r["step"]: r[key] for r in map(json.loads, lines) if key in r}
-
-
-def run_cli(*args, timeout=300, **kwargs):
-    return subprocess.run(
-        [sys.executable, "-m", "gpt2scratch", *args], capture_output=True, text=True, timeout=timeout, **kwargs
-    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -208,7 +192,7 @@ def test_corrupt_checkpoints_give_a_clear_error(data_dir, tmp_path):
 def test_non_finite_loss_is_skipped_then_stops_the_run(data_dir, tmp_path, caplog):
     config = make_config(data_dir, max_steps=20, save_every=2, keep_last=5)
     trainer = make_trainer(config, tmp_path)
-    real_step = trainer._train_step
+    real_step = trainer.train_step
 
     def poisoned_step():
         if trainer.step == 4:  # from step 5 on, every loss is NaN
@@ -216,7 +200,7 @@ def test_non_finite_loss_is_skipped_then_stops_the_run(data_dir, tmp_path, caplo
                 trainer.raw_model.transformer.ln_f.weight.fill_(float("nan"))
         return real_step()
 
-    trainer._train_step = poisoned_step
+    trainer.train_step = poisoned_step
     with pytest.raises(TrainingError, match="5 non-finite losses in a row at step 9: the run diverged"):
         trainer.fit()
     assert "is not finite; skipping this update (1/5 in a row)" in caplog.text
@@ -248,7 +232,7 @@ def test_cli_run_folder_export_and_sigkill_resume(data_dir, tmp_path):
     for name in ("metrics.jsonl", "loss.png", "run_config.json", "hf/config.json", "hf/model.safetensors"):
         assert (tmp_path / "full" / name).is_file(), name
     process = subprocess.Popen(
-        [sys.executable, "-m", "gpt2scratch", *args, "--out", str(tmp_path / "killed")],
+        [*COMMAND, *args, "--out", str(tmp_path / "killed")],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -297,15 +281,7 @@ def test_torchrun_two_processes_equal_one(data_dir, tmp_path):
     args += ["--tokens-per-step", "512", "--warmup-steps", "2", "--data-dir", str(data_dir), "--precision", "fp32"]
     one = run_cli("train", *args, "--out", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    two = subprocess.run(
-        [*torchrun, "-m", "gpt2scratch", "train", *args, "--out", str(tmp_path / "two")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    two = torchrun("train", *args, "--out", str(tmp_path / "two"))
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert a.keys() == b.keys() == set(range(1, 9))
@@ -317,7 +293,7 @@ def test_torchrun_two_processes_equal_one(data_dir, tmp_path):
 def test_ctrl_c_saves_a_checkpoint_and_exits(data_dir, tmp_path):
     args = ["train", *TRAIN_ARGS, "--max-steps", "100000", "--save-every", "0", "--eval-every", "0"]
     process = subprocess.Popen(
-        [sys.executable, "-m", "gpt2scratch", *args, "--data-dir", str(data_dir), "--out", str(tmp_path)],
+        [*COMMAND, *args, "--data-dir", str(data_dir), "--out", str(tmp_path)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -340,10 +316,7 @@ def test_torchrun_fsdp_two_processes_equal_one(data_dir, tmp_path):
     args += ["--tokens-per-step", "512", "--warmup-steps", "2", "--data-dir", str(data_dir), "--precision", "fp32"]
     one = run_cli("train", *args, "--out", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    command = [*torchrun, "-m", "gpt2scratch", "train", *args, "--fsdp", "--out", str(tmp_path / "fsdp")]
-    two = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    two = torchrun("train", *args, "--fsdp", "--out", str(tmp_path / "fsdp"))
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = metrics(tmp_path / "one"), metrics(tmp_path / "fsdp")
     assert all(math.isclose(a[s], b[s], abs_tol=1e-5) for s in a), (a, b)

@@ -9,6 +9,9 @@
 
 A checkpoint is written into `.tmp-step_000500` and renamed when complete, so a kill during a save leaves
 the previous checkpoints whole and no partial folder that `latest()` would pick.
+
+`Checkpointer` is the training run's side of it: when to save, gathering the full state from every rank (DDP
+or FSDP2), which checkpoints to keep, and restoring the latest for --resume.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from gpt2scratch.config import due
+from gpt2scratch.runtime import Runtime, barrier
 
 CKPT_DIR = "ckpt"
 _STEP_DIR = re.compile(r"step_(\d{6,})")
@@ -163,3 +169,80 @@ def prune(ckpt_root: str | Path, keep_last: int, keep: set[int]) -> None:
     for path in found[:-keep_last] if keep_last else found:
         if int(_STEP_DIR.fullmatch(path.name).group(1)) not in keep:
             shutil.rmtree(path, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A training run's checkpoints.
+
+
+def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's weights on the CPU, unwrapped (a collective under FSDP: call it on every rank)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+class Checkpointer:
+    """Saves a run every `save_every` steps and at its last, keeps the newest `keep_last` and the best by val
+    loss, and restores the latest one for --resume: weights, optimizer, gradient scaler and every rank's RNG.
+    The trainer's own state (step, loader position, best val loss, ...) travels in state.json."""
+
+    def __init__(self, run_dir: str | Path, runtime: Runtime, save_every: int, keep_last: int, tokenizer_dir: Path):
+        self.root = Path(run_dir) / CKPT_DIR
+        self.runtime = runtime
+        self.save_every, self.keep_last = save_every, keep_last
+        self.tokenizer_dir = tokenizer_dir
+
+    def due(self, step: int, last: bool) -> bool:
+        return due(self.save_every, step, last)
+
+    def save(self, step: int, model, optimizer, scaler, state: dict, best_step: int | None) -> None:
+        """Write step `step` (a collective: every rank calls it; rank 0 writes)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_state = full_model_state(model)
+        optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
+        if scaler.is_enabled():
+            optimizer_state = {**optimizer_state, "grad_scaler": scaler.state_dict()}
+        rng = {"cpu": torch.get_rng_state()}
+        if self.runtime.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.runtime.device)
+        rng_states = [rng]
+        if self.runtime.distributed:
+            import torch.distributed as dist
+
+            rng_states = [None] * self.runtime.world_size
+            dist.all_gather_object(rng_states, rng)
+        if self.runtime.is_main:
+            save(self.root, step, model_state, optimizer_state, rng_states, state, self.tokenizer_dir)
+            prune(self.root, self.keep_last, {best_step} if best_step is not None else set())
+        barrier()
+
+    def latest(self) -> Checkpoint:
+        path = latest(self.root)
+        if path is None:
+            raise ValueError(f"--resume: no checkpoint in {self.root}; start without --resume")
+        return read_state(path)
+
+    def restore(self, ckpt: Checkpoint, model, optimizer, scaler) -> None:
+        """Load a checkpoint's weights, optimizer, scaler and this rank's RNG into the run."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
+        set_model_state_dict(model, load_model_state(ckpt.path), options=options)
+        optimizer_state = load_tensors(ckpt.path, "optimizer.pt")
+        scaler_state = optimizer_state.pop("grad_scaler", None)
+        set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+        if scaler.is_enabled() and scaler_state is not None:
+            scaler.load_state_dict(scaler_state)
+        rng_states = load_tensors(ckpt.path, "rng.pt")
+        rank = self.runtime.rank
+        rng = rng_states[rank] if rank < len(rng_states) else rng_states[0]
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and self.runtime.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.runtime.device)

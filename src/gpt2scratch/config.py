@@ -39,17 +39,17 @@ class GPTConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
-            _require_positive_int(self, name)
+            require_positive_int(self, name)
         if self.emb_dim % self.n_heads != 0:
             raise ValueError(
                 f"emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads}); "
                 f"change one of them, e.g. emb_dim={self.n_heads * max(1, round(self.emb_dim / self.n_heads))}"
             )
-        _require_number(self, "drop_rate")
+        require_number(self, "drop_rate")
         if not 0.0 <= self.drop_rate < 1.0:
             raise ValueError(f"drop_rate ({self.drop_rate}) must be in [0, 1); use 0.0 to turn dropout off")
         for name in ("qkv_bias", "weight_tying"):
-            _require_bool(self, name)
+            require_bool(self, name)
 
 
 @dataclass
@@ -95,7 +95,7 @@ class TrainingConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "max_new_token", "log_every", "keep_last"):
-            _require_positive_int(self, name)
+            require_positive_int(self, name)
         for name in (
             "tokens_per_step",
             "eval_every",
@@ -106,21 +106,21 @@ class TrainingConfig:
             "eval_hellaswag_every",
             "hellaswag_limit",
         ):
-            _require_int(self, name)
+            require_int(self, name)
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} ({getattr(self, name)}) must be >= 0")
         for name in ("grad_clip", "beta1", "beta2", "time_budget"):
-            _require_number(self, name)
+            require_number(self, name)
         if self.grad_clip < 0 or self.time_budget < 0:
             raise ValueError("grad_clip and time_budget must be >= 0")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ValueError(f"beta1 ({self.beta1}) and beta2 ({self.beta2}) must be in [0, 1)")
-        _require_choice(self, "device", None, pattern=r"auto|cpu|mps|cuda(:\d+)?")
-        _require_choice(self, "precision", ("auto", "fp32", "bf16", "fp16"))
-        _require_choice(self, "compile", ("auto", "on", "off"))
-        _require_bool(self, "fsdp")
+        require_choice(self, "device", None, pattern=r"auto|cpu|mps|cuda(:\d+)?")
+        require_choice(self, "precision", ("auto", "fp32", "bf16", "fp16"))
+        require_choice(self, "compile", ("auto", "on", "off"))
+        require_bool(self, "fsdp")
         for name in ("warmup_steps", "k_top"):
-            _require_int(self, name)
+            require_int(self, name)
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} ({getattr(self, name)}) must be >= 0")
         if self.warmup_steps > self.max_steps:
@@ -129,7 +129,7 @@ class TrainingConfig:
                 "lower warmup_steps or raise max_steps"
             )
         for name in ("max_lr", "min_lr", "weight_decay", "temperature"):
-            _require_number(self, name)
+            require_number(self, name)
         if self.max_lr <= 0:
             raise ValueError(f"max_lr ({self.max_lr}) must be > 0")
         if not 0 <= self.min_lr <= self.max_lr:
@@ -140,6 +140,39 @@ class TrainingConfig:
             raise ValueError(f"temperature ({self.temperature}) must be >= 0 (0 means greedy)")
         if not isinstance(self.save_path, str) or not self.save_path:
             raise ValueError(f"save_path ({self.save_path!r}) must be a non-empty path")
+
+
+def due(every: int, step: int, last: bool = False) -> bool:
+    """The one cadence rule of a run: an `*_every` interval is due every `every` steps (0 = never) and at the last."""
+    return last or (every > 0 and step % every == 0)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How text is sampled. The seed names these settings `max_new_token`, `temperature` and `k_top` in its
+    TrainingConfig; `from_training` is the one place they become the names generation, the server and
+    Hugging Face's generation_config use. The defaults are the seed's."""
+
+    max_new_tokens: int = TrainingConfig.max_new_token
+    temperature: float = TrainingConfig.temperature
+    top_k: int = TrainingConfig.k_top
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_new_tokens", "top_k"):
+            require_int(self, name)
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} ({getattr(self, name)}) must be >= 0")
+        require_number(self, "temperature")
+        require_number(self, "top_p")
+        if self.temperature < 0:
+            raise ValueError(f"temperature ({self.temperature}) must be >= 0 (0 means greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p ({self.top_p}) must be in (0, 1] (1 = off)")
+
+    @classmethod
+    def from_training(cls, training: TrainingConfig) -> Sampling:
+        return cls(max_new_tokens=training.max_new_token, temperature=training.temperature, top_k=training.k_top)
 
 
 @dataclass
@@ -159,7 +192,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.dir, str) or not self.dir:
             raise ValueError(f"dir ({self.dir!r}) must be a folder made by `gpt2scratch prepare`, or auto")
-        _require_choice(self, "tokenizer", None, pattern=r"auto|gpt2|bpe:\d+")
+        require_choice(self, "tokenizer", None, pattern=r"auto|gpt2|bpe:\d+")
 
 
 @dataclass
@@ -275,25 +308,25 @@ def resolve_config(
     return config
 
 
-def _require_int(obj: Any, name: str) -> None:
+def require_int(obj: Any, name: str) -> None:
     value = getattr(obj, name)
     if not isinstance(value, int) or isinstance(value, bool):
         raise ValueError(f"{name} ({value!r}) must be an integer")
 
 
-def _require_positive_int(obj: Any, name: str) -> None:
-    _require_int(obj, name)
+def require_positive_int(obj: Any, name: str) -> None:
+    require_int(obj, name)
     if getattr(obj, name) <= 0:
         raise ValueError(f"{name} ({getattr(obj, name)}) must be a positive integer")
 
 
-def _require_number(obj: Any, name: str) -> None:
+def require_number(obj: Any, name: str) -> None:
     value = getattr(obj, name)
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ValueError(f"{name} ({value!r}) must be a finite number")
 
 
-def _require_choice(obj: Any, name: str, choices: tuple[str, ...] | None, pattern: str | None = None) -> None:
+def require_choice(obj: Any, name: str, choices: tuple[str, ...] | None, pattern: str | None = None) -> None:
     value = getattr(obj, name)
     ok = isinstance(value, str) and (value in choices if choices else re.fullmatch(pattern, value) is not None)
     if not ok:
@@ -301,7 +334,7 @@ def _require_choice(obj: Any, name: str, choices: tuple[str, ...] | None, patter
         raise ValueError(f"{name} ({value!r}) must be one of: {allowed}")
 
 
-def _require_bool(obj: Any, name: str) -> None:
+def require_bool(obj: Any, name: str) -> None:
     value = getattr(obj, name)
     if not isinstance(value, bool):
         raise ValueError(f"{name} ({value!r}) must be true or false")

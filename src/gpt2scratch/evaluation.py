@@ -22,7 +22,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from gpt2scratch.config import IGNORE_INDEX, due
+from gpt2scratch.dataset.dataset import TokenSplit, val_batches
+from gpt2scratch.dataset.sources import iter_jsonl
 from gpt2scratch.models.gpt import GPT
+from gpt2scratch.runtime import all_reduce
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 LAMBADA_URL = "https://openaipublic.blob.core.windows.net/gpt-2/data/lambada_test.jsonl"
@@ -38,24 +42,21 @@ class EvalDataError(ValueError):
 
 
 def read_jsonl(path: str | Path, required: tuple[str, ...]) -> Iterator[dict]:
+    """The records of an evaluation file, each checked for the `required` fields."""
     path = Path(path)
     if not path.is_file():
         raise EvalDataError(f"{path} does not exist")
-    opener = gzip.open if path.suffix == ".gz" else open
     count = 0
-    with opener(path, "rt", encoding="utf-8") as file:
-        for number, line in enumerate(file, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise EvalDataError(f"{path}:{number} is not valid JSON ({error})") from None
-            missing = [key for key in required if key not in record]
-            if missing:
-                raise EvalDataError(f"{path}:{number} has no {', '.join(missing)} field")
-            count += 1
-            yield record
+    for number, record, _ in iter_jsonl(path, error=EvalDataError):
+        if record is None:  # a blank line
+            continue
+        if not isinstance(record, dict):
+            raise EvalDataError(f"{path}:{number} is not a JSON object")
+        missing = [key for key in required if key not in record]
+        if missing:
+            raise EvalDataError(f"{path}:{number} has no {', '.join(missing)} field")
+        count += 1
+        yield record
     if count == 0:
         raise EvalDataError(f"{path} holds no examples")
 
@@ -205,14 +206,8 @@ def _rank_slice(items: list, rank: int, world_size: int) -> list:
     return items[rank::world_size]
 
 
-def _all_reduce(values: list[float], device) -> list[float]:
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return tensor.tolist()
+def _sum_over_ranks(values: list[float], device) -> list[float]:
+    return all_reduce(torch.tensor(values, dtype=torch.float64, device=device)).tolist()
 
 
 def evaluate_hellaswag(
@@ -235,7 +230,7 @@ def evaluate_hellaswag(
         four = scores[4 * i : 4 * i + 4]
         correct += min(range(4), key=lambda j: four[j].loss_sum) == example.label
         correct_norm += min(range(4), key=lambda j: four[j].loss_sum / four[j].n_tokens) == example.label
-    correct, correct_norm, n = _all_reduce([correct, correct_norm, len(mine)], model.lm_head.weight.device)
+    correct, correct_norm, n = _sum_over_ranks([correct, correct_norm, len(mine)], model.lm_head.weight.device)
     return {"task": "hellaswag", "acc": correct / n, "acc_norm": correct_norm / n, "examples": int(n)}
 
 
@@ -253,7 +248,7 @@ def evaluate_lambada(
     scores = score_continuations(model, pairs, batch_size, progress=progress)
     correct = sum(s.greedy for s in scores)
     loss = sum(s.loss_sum for s in scores)
-    correct, loss, n = _all_reduce([correct, loss, len(mine)], model.lm_head.weight.device)
+    correct, loss, n = _sum_over_ranks([correct, loss, len(mine)], model.lm_head.weight.device)
     return {"task": "lambada", "acc": correct / n, "ppl": math.exp(loss / n), "examples": int(n)}
 
 
@@ -269,9 +264,6 @@ def evaluate_val(
 ) -> dict:
     """Loss, perplexity and bits per byte (loss x tokens / (bytes x ln 2), from the manifest) over a prepared
     val split (a TokenSplit): all of it, or its first max_tokens."""
-    from gpt2scratch.config import IGNORE_INDEX
-    from gpt2scratch.dataset.dataset import val_batches
-
     model.eval()
     device = model.lm_head.weight.device
     total_loss, total_tokens = 0.0, 0
@@ -282,7 +274,7 @@ def evaluate_val(
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
         total_loss += loss.item()
         total_tokens += int((y != IGNORE_INDEX).sum())
-    total_loss, total_tokens = _all_reduce([total_loss, total_tokens], device)
+    total_loss, total_tokens = _sum_over_ranks([total_loss, total_tokens], device)
     loss = total_loss / total_tokens
     return {
         "task": "val",
@@ -291,3 +283,90 @@ def evaluate_val(
         "bpb": loss * split.n_tokens / (split.n_bytes * math.log(2)),
         "tokens": int(total_tokens),
     }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# `gpt2scratch eval`: a model, one or more tasks, one process or torchrun ranks.
+
+
+def evaluate_tasks(options) -> tuple[str, list[dict]]:
+    """Run `options.task` (an EvalOptions) on `options.model`; returns the model's folder and one result per task
+    (each with "task", its figures and "data"). Under torchrun every rank takes part; the sums are all-reduced."""
+    from gpt2scratch import loading
+    from gpt2scratch.runtime import close_distributed, init_distributed, pick_device, torchrun_ranks
+
+    rank, local_rank, world_size = torchrun_ranks()
+    device, _ = pick_device(options.device, local_rank)
+    init_distributed(device, world_size)
+    try:
+        loaded = loading.load(options.model, device)
+        results = []
+        for task in options.task:
+            if task == "val":
+                data_dir = options.data or options.data_dir or loaded.config.data.dir
+                if data_dir == "auto":
+                    raise ValueError("this model does not say which data it was trained on; pass --data-dir DIR")
+                split = TokenSplit(data_dir, "val")
+                result = evaluate_val(loaded.model, split, options.batch_size, rank, world_size)
+                result["data"] = str(data_dir)
+            else:
+                path = options.task_file(task) or fetch(task, "eval_data")
+                read = hellaswag_examples if task == "hellaswag" else lambada_examples
+                scorer = evaluate_hellaswag if task == "hellaswag" else evaluate_lambada
+                examples = read(path, options.limit or None)
+                result = scorer(
+                    loaded.model, loaded.tokenizer, examples, options.batch_size, rank, world_size, progress=rank == 0
+                )
+                result["data"] = str(path)
+            results.append({"model": str(loaded.source), **result})
+    finally:
+        close_distributed()
+    return str(loaded.source), results
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# During training.
+
+
+class Validator:
+    """Evaluation inside a training run: val loss, perplexity and bits per byte every `eval_every` steps and at
+    the last (over the whole val split, or its first `eval_tokens`), and HellaSwag every `eval_hellaswag_every`
+    steps at such an evaluation. Every rank takes part."""
+
+    def __init__(self, training, val_split, tokenizer, runtime):
+        self.training, self.val_split, self.tokenizer, self.runtime = training, val_split, tokenizer, runtime
+        self._hellaswag: list[HellaSwagExample] | None = None
+
+    def due(self, step: int, last: bool) -> bool:
+        return due(self.training.eval_every, step, last)
+
+    def run(self, model: GPT, step: int) -> dict:
+        t, runtime = self.training, self.runtime
+        val = evaluate_val(
+            model,
+            self.val_split,
+            t.batch_size,
+            runtime.rank,
+            runtime.world_size,
+            max_tokens=t.eval_tokens or None,
+            autocast=runtime.autocast(),
+        )
+        record = {
+            "step": step,
+            "val_loss": val["loss"],
+            "val_ppl": val["ppl"],
+            "val_bpb": val["bpb"],
+            "val_tokens": val["tokens"],
+        }
+        if due(t.eval_hellaswag_every, step):
+            hellaswag = evaluate_hellaswag(
+                model, self.tokenizer, self._hellaswag_examples(), t.batch_size, runtime.rank, runtime.world_size
+            )
+            record.update(hellaswag_acc=hellaswag["acc"], hellaswag_acc_norm=hellaswag["acc_norm"])
+        return record
+
+    def _hellaswag_examples(self) -> list[HellaSwagExample]:
+        if self._hellaswag is None:  # read once, at the first evaluation that needs it
+            path = self.training.hellaswag_file or fetch("hellaswag", "eval_data")  # as `gpt2scratch eval` does
+            self._hellaswag = hellaswag_examples(path, self.training.hellaswag_limit or None)
+        return self._hellaswag

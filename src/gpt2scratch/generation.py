@@ -21,6 +21,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from gpt2scratch.config import Sampling
 from gpt2scratch.models.gpt import GPT
 
 
@@ -117,9 +118,9 @@ def stream_tokens(
     model: GPT,
     prompts: Sequence[Sequence[int]] | torch.Tensor,
     max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int = 50,
-    top_p: float = 1.0,
+    temperature: float = Sampling.temperature,
+    top_k: int = Sampling.top_k,
+    top_p: float = Sampling.top_p,
     eot_id: int | None = None,
     generator: torch.Generator | None = None,
 ) -> Iterator[torch.Tensor]:

@@ -12,26 +12,31 @@ from pathlib import Path
 
 import torch
 
-from gpt2scratch.config import GPTConfig
+from gpt2scratch.config import GPTConfig, Sampling
 from gpt2scratch.models.layer_norm import LAYER_NORM_EPS
 
 TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 HF_BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers in older HF checkpoints, not parameters
 
 
+# Our GPTConfig field -> transformers' GPT2Config field: the one table both directions read.
+HF_NAMES = {
+    "vocab_size": "vocab_size",
+    "context_length": "n_positions",
+    "emb_dim": "n_embd",
+    "n_layers": "n_layer",
+    "n_heads": "n_head",
+}
+HF_DROPOUTS = ("resid_pdrop", "embd_pdrop", "attn_pdrop")  # our one drop_rate is all three of GPT2Config's
+
+
 def hf_config_dict(config: GPTConfig) -> dict:
     """The fields of transformers' GPT2Config that describe `config`."""
     return {
-        "vocab_size": config.vocab_size,
-        "n_positions": config.context_length,
-        "n_embd": config.emb_dim,
-        "n_layer": config.n_layers,
-        "n_head": config.n_heads,
+        **{hf_name: getattr(config, name) for name, hf_name in HF_NAMES.items()},
         "n_inner": None,  # 4 * n_embd
         "activation_function": "gelu_new",  # tanh-approximated GELU
-        "resid_pdrop": config.drop_rate,
-        "embd_pdrop": config.drop_rate,
-        "attn_pdrop": config.drop_rate,
+        **dict.fromkeys(HF_DROPOUTS, config.drop_rate),
         "layer_norm_epsilon": LAYER_NORM_EPS,
         "initializer_range": 0.02,
         "tie_word_embeddings": config.weight_tying,
@@ -49,11 +54,7 @@ def config_from_hf(hf_config) -> GPTConfig:
     if get("n_inner") not in (None, 4 * get("n_embd")):
         raise ValueError(f"n_inner ({get('n_inner')}) must be 4 * n_embd for a GPT-2 MLP")
     return GPTConfig(
-        vocab_size=get("vocab_size"),
-        context_length=get("n_positions"),
-        emb_dim=get("n_embd"),
-        n_heads=get("n_head"),
-        n_layers=get("n_layer"),
+        **{name: get(hf_name) for name, hf_name in HF_NAMES.items()},
         drop_rate=float(get("resid_pdrop", 0.1)),
         qkv_bias=True,
         weight_tying=bool(get("tie_word_embeddings", True)),
@@ -119,21 +120,20 @@ def export_folder(
     config: GPTConfig,
     tokenizer_dir: str | Path,
     out_dir: str | Path,
-    top_k: int = 50,
-    max_new_tokens: int = 50,
-    temperature: float = 1.0,
+    sampling: Sampling | None = None,
 ) -> Path:
     """Write a folder that transformers' `GPT2LMHeadModel.from_pretrained` and `GPT2Tokenizer.from_pretrained`
     load (4.x and 5.x): the files of OpenAI's `gpt2` hub folder, written here without transformers.
 
     config.json, model.safetensors (Conv1D weights transposed; zero qkv biases if the model has none),
-    generation_config.json (sampling defaults), vocab.json + merges.txt (what the slow GPT2Tokenizer of 4.x
+    generation_config.json (sampling defaults: `sampling`), vocab.json + merges.txt (what the slow GPT2Tokenizer of 4.x
     reads), tokenizer.json + tokenizer_config.json (the fast tokenizer).
     """
     from safetensors.torch import save_file
 
     from gpt2scratch.dataset.tokenizer import EOT, Tokenizer
 
+    sampling = sampling or Sampling()  # the seed's defaults
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = Tokenizer(tokenizer_dir)
@@ -156,9 +156,9 @@ def export_folder(
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     generation = {
         "do_sample": True,
-        "top_k": top_k,
-        "max_new_tokens": max_new_tokens,
-        "temperature": temperature if temperature > 0 else 1.0,
+        "top_k": sampling.top_k,
+        "max_new_tokens": sampling.max_new_tokens,
+        "temperature": sampling.temperature if sampling.temperature > 0 else 1.0,
         "bos_token_id": eot,
         "eos_token_id": eot,
         "pad_token_id": eot,

@@ -1,10 +1,4 @@
-"""Token shards on disk -> (x, y) training windows: exact, resumable, rank-aware.
-
-Shard format (written by `gpt2scratch prepare`, see data_module.py), after llm.c's:
-    header: 256 little-endian int32 = [MAGIC, FORMAT_VERSION, bytes per token (2 = uint16), token count, 0...]
-    body:   token count x uint16
-A prepared folder holds `manifest.json` and `{train,val}_NNNNNN.bin`; the manifest is written last, so a
-folder without one is not a finished preparation.
+"""Token shards on disk (format: shards.py) -> (x, y) training windows: exact, resumable, rank-aware.
 
 Order of training windows: split `train` is cut into windows of context_length + 1 tokens (x = window[:-1],
 y = window[1:]); each epoch shifts the window grid by a seeded offset and visits the windows in a seeded
@@ -15,69 +9,13 @@ position in the order (`state_dict()`) is all that a resumed run needs.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from gpt2scratch.config import IGNORE_INDEX
-
-MAGIC = 20241125
-FORMAT_VERSION = 1
-HEADER_INTS = 256
-HEADER_BYTES = HEADER_INTS * 4
-TOKEN_DTYPE = np.uint16
-MANIFEST = "manifest.json"
-SPLITS = ("train", "val")
-
-
-class DataError(ValueError):
-    """Prepared data that cannot be used; the message says what to re-run."""
-
-
-def read_shard(path: str | Path) -> np.ndarray:
-    """Memory-map a shard's tokens, after checking its header and size."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path} is missing; re-run `gpt2scratch prepare`")
-    size = path.stat().st_size
-    if size < HEADER_BYTES:
-        raise DataError(f"{path} is truncated ({size} bytes, shorter than the header); re-run `gpt2scratch prepare`")
-    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
-    if header[0] != MAGIC:
-        raise DataError(f"{path} is not a token shard (bad magic); re-run `gpt2scratch prepare`")
-    if header[1] != FORMAT_VERSION:
-        raise DataError(
-            f"{path} has shard format version {header[1]}, this gpt2scratch reads {FORMAT_VERSION}; "
-            "re-run `gpt2scratch prepare`"
-        )
-    if header[2] != np.dtype(TOKEN_DTYPE).itemsize:
-        raise DataError(f"{path} has {header[2]}-byte tokens, expected uint16; re-run `gpt2scratch prepare`")
-    count = int(header[3])
-    expected = HEADER_BYTES + count * 2
-    if size != expected:
-        raise DataError(
-            f"{path} is truncated or corrupt ({size} bytes, header says {count} tokens = {expected} bytes); "
-            "re-run `gpt2scratch prepare`"
-        )
-    return np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(count,))
-
-
-def read_manifest(data_dir: str | Path) -> dict:
-    data_dir = Path(data_dir)
-    path = data_dir / MANIFEST
-    if not data_dir.is_dir():
-        raise DataError(f"data folder {data_dir} does not exist; create it with `gpt2scratch prepare --out {data_dir}`")
-    if not path.is_file():
-        raise DataError(
-            f"{data_dir} has no {MANIFEST} (not prepared, or preparation did not finish); "
-            f"run `gpt2scratch prepare --out {data_dir}`"
-        )
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise DataError(f"{path} is not valid JSON ({error}); re-run `gpt2scratch prepare`") from None
+from gpt2scratch.dataset.shards import DataError, read_manifest, read_shard
 
 
 class TokenSplit:
@@ -220,38 +158,3 @@ def val_batches(
         batch = np.stack(rows)
         x = np.where(batch[:, :-1] == IGNORE_INDEX, 0, batch[:, :-1])
         yield x, batch[:, 1:]
-
-
-class DataModule:
-    """A prepared data folder, with what the trainer needs to read it (context, batch, ranks, seed)."""
-
-    def __init__(
-        self,
-        data_dir: str | Path,
-        context_length: int,
-        batch_size: int,
-        seed: int = 1337,
-        rank: int = 0,
-        world_size: int = 1,
-    ):
-        self.data_dir = Path(data_dir)
-        self.manifest = read_manifest(self.data_dir)
-        self.context_length, self.batch_size = context_length, batch_size
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.train = TokenSplit(self.data_dir, "train")
-        self.val = TokenSplit(self.data_dir, "val")
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self.manifest["tokenizer"]["vocab_size"])
-
-    def tokenizer_dir(self) -> Path:
-        """Folder of the tokenizer the shards were made with (vocab.json + merges.txt)."""
-        return self.data_dir / self.manifest["tokenizer"]["path"]
-
-    def train_loader(self) -> TrainLoader:
-        return TrainLoader(self.train, self.context_length, self.batch_size, self.seed, self.rank, self.world_size)
-
-    def val_batches(self, batch_size: int | None = None, max_tokens: int | None = None):
-        batch_size = batch_size or self.batch_size
-        return val_batches(self.val, self.context_length, batch_size, self.rank, self.world_size, max_tokens)

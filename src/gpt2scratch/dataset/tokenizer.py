@@ -2,7 +2,8 @@
 
 GPT-2's own files (OpenAI's `encoder.json` and `vocab.bpe`, checked by SHA-256) run on tiktoken, the fastest
 implementation; any other byte-level BPE in the same two-file format (e.g. one trained by `prepare
---tokenizer bpe:N`) runs on Hugging Face `tokenizers`. Both give the ids transformers' GPT2TokenizerFast gives.
+--tokenizer bpe:N`, with `train_bpe` below) runs on Hugging Face `tokenizers`. Both give the ids transformers'
+GPT2TokenizerFast gives.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import hashlib
 import json
 import shutil
 import tempfile
+from collections.abc import Iterable
 from functools import cached_property, lru_cache
 from pathlib import Path
 
@@ -175,3 +177,29 @@ def _hf_tokenizer(vocab_file: str, merges_file: str):
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     tokenizer.add_special_tokens([AddedToken(EOT, special=True)])
     return tokenizer
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | Path, progress: bool = True) -> Tokenizer:
+    """Train a GPT-2-style byte-level BPE of `vocab_size` tokens (256 bytes, merges, <|endoftext|>) on `texts`
+    with Hugging Face `tokenizers`; save vocab.json + merges.txt (GPT-2's format) in out_dir."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tokenizer = HFTokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=progress,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.model.save(str(out_dir))  # vocab.json + merges.txt
+    vocab = json.loads((out_dir / "vocab.json").read_text(encoding="utf-8"))
+    if EOT not in vocab:
+        vocab[EOT] = max(vocab.values()) + 1
+        (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    return Tokenizer(out_dir)

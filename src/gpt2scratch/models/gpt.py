@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpt2scratch.config import IGNORE_INDEX, GPTConfig
+from gpt2scratch.models.kv_cache import KVCache
 from gpt2scratch.models.layer_norm import LayerNorm
-from gpt2scratch.models.multi_head_self_attention import KVCache
 from gpt2scratch.models.transformer_block import TransformerBlock
 
 INIT_STD = 0.02  # GPT-2's initializer_range

@@ -15,75 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpt2scratch.config import GPTConfig
+from gpt2scratch.models.kv_cache import KVCache
 
 ATTENTION_IMPLS = ("sdpa", "reference")
-
-
-class KVCache:
-    """Keys and values of one layer for incremental decoding, allocated once for `max_len` positions
-    (on the first update, in the dtype the keys come in: autocast may make them bf16)."""
-
-    def __init__(self, max_len: int):
-        self.max_len = max_len
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
-        self.length = 0
-
-    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append (B, nh, T, hs) keys/values; return all keys/values so far."""
-        if self.k is None:
-            B, nh, _, hs = k.shape
-            self.k = k.new_zeros(B, nh, self.max_len, hs)
-            self.v = v.new_zeros(B, nh, self.max_len, hs)
-        start, end = self.length, self.length + k.size(2)
-        if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions; cannot append up to {end}")
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        self.length = end
-        return self.k[:, :, :end], self.v[:, :, :end]
-
-    # Batch surgery for a server that lets rows join and leave a running batch (gpt2scratch.serve.engine).
-    # Rows are right-aligned: every row's latest token sits at position length - 1, shorter rows are left-padded.
-
-    def keep_rows(self, rows: torch.Tensor) -> None:
-        """Keep only these batch rows (a (B',) index tensor), in this order."""
-        if self.k is None:
-            return
-        for name in ("k", "v"):  # copy the positions in use, not the whole max_len buffer
-            old = getattr(self, name)
-            new = old.new_empty(rows.numel(), *old.shape[1:])
-            new[:, :, : self.length] = old[:, :, : self.length].index_select(0, rows)
-            setattr(self, name, new)
-
-    def drop_front(self, n: int) -> None:
-        """Forget the first n positions (padding that no row needs any more)."""
-        if n <= 0 or self.k is None:
-            return
-        keep = self.length - n
-        self.k[:, :, :keep] = self.k[:, :, n : self.length].clone()
-        self.v[:, :, :keep] = self.v[:, :, n : self.length].clone()
-        self.length = keep
-
-    @staticmethod
-    def join(first: KVCache, second: KVCache) -> KVCache:
-        """The rows of `first`, then those of `second`, right-aligned in one cache: the shorter one is padded on
-        the left with zeros (finite, so masked positions add exactly nothing) to the longer one's length."""
-        if first.k is None or second.k is None:
-            raise ValueError("cannot join an empty KV cache")
-        length = max(first.length, second.length)
-        joined = KVCache(max(first.max_len, second.max_len))
-        B1, B2 = first.k.size(0), second.k.size(0)
-        nh, hs = first.k.size(1), first.k.size(3)
-        for name in ("k", "v"):
-            out = first.k.new_empty(B1 + B2, nh, joined.max_len, hs)
-            for rows, cache in ((slice(0, B1), first), (slice(B1, B1 + B2), second)):
-                pad = length - cache.length
-                out[rows, :, :pad] = 0
-                out[rows, :, pad:length] = getattr(cache, name)[:, :, : cache.length]
-            setattr(joined, name, out)
-        joined.length = length
-        return joined
 
 
 class MultiHeadSelfAttention(nn.Module):
@@ -114,46 +48,44 @@ class MultiHeadSelfAttention(nn.Module):
         if cache is not None:
             past = cache.length
             k, v = cache.update(k, v)  # (B, nh, past + T, hs)
-        mask = None if pad_lengths is None else _padded_causal_mask(T, past, pad_lengths)
         if self.attn_impl == "sdpa":
-            y = self._sdpa(q, k, v, past, mask)
+            y = self._sdpa(q, k, v, past, pad_lengths)
         else:
-            y = self._reference(q, k, v, past, mask)
+            y = self._reference(q, k, v, past, pad_lengths)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
-    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int, mask: torch.Tensor | None):
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int, pad_lengths: torch.Tensor | None):
         dropout_p = self.drop_rate if self.training else 0.0
         T = q.size(2)
-        if mask is not None:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-        if past == 0:
+        if pad_lengths is None and past == 0:  # plain causal attention: the flash / memory-efficient kernels
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-        if T == 1:  # one new query attends to every cached key: no mask needed
+        if pad_lengths is None and T == 1:  # one new query attends to every cached key: no mask needed
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-        # Several new queries after a cached prefix: is_causal would align the mask top-left, so pass it.
-        mask = _causal_mask(T, past, q.device)
+        # Several new queries after a cached prefix (is_causal would align the mask top-left), or padding.
+        mask = causal_mask(T, past, q.device, pad_lengths)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
-    def _reference(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int, mask: torch.Tensor | None):
+    def _reference(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int, pad_lengths: torch.Tensor | None
+    ):
         T = q.size(2)
         att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, past + T)
-        mask = _causal_mask(T, past, q.device) if mask is None else mask
-        att = att.masked_fill(~mask, float("-inf"))
+        att = att.masked_fill(~causal_mask(T, past, q.device, pad_lengths), float("-inf"))
         att = F.softmax(att, dim=-1)
         att = self.attn_dropout(att)
         return att @ v  # (B, nh, T, hs)
 
 
-def _causal_mask(T: int, past: int, device) -> torch.Tensor:
-    """(T, past + T) booleans: query i (at position past + i) may see keys 0 .. past + i."""
-    return torch.ones(T, past + T, dtype=torch.bool, device=device).tril(diagonal=past)
-
-
-def _padded_causal_mask(T: int, past: int, pad_lengths: torch.Tensor) -> torch.Tensor:
-    """(B, 1, T, past + T): causal, and no query sees its row's left padding. A padding position may see itself,
-    so that no softmax row is empty (its output is never used)."""
-    keys = torch.arange(past + T, device=pad_lengths.device)  # (past + T,)
+def causal_mask(T: int, past: int, device, pad_lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """Which keys each of T new queries may see, after `past` cached positions: query i (at position past + i)
+    sees keys 0 .. past + i. (T, past + T) booleans; with pad_lengths (B,) also no key of its row's left padding,
+    as (B, 1, T, past + T). A padding position may see itself, so that no softmax row is empty (its output is
+    never used)."""
+    keys = torch.arange(past + T, device=device)  # (past + T,)
     queries = keys[past:, None]  # (T, 1): absolute positions of the new tokens
-    visible = (keys[None, :] <= queries) & (keys[None, None, :] >= pad_lengths[:, None, None])  # (B, T, past + T)
+    visible = keys[None, :] <= queries  # (T, past + T)
+    if pad_lengths is None:
+        return visible
+    visible = visible & (keys[None, None, :] >= pad_lengths[:, None, None])  # (B, T, past + T)
     return (visible | (keys[None, :] == queries)).unsqueeze(1)

@@ -5,8 +5,9 @@ from torch import nn
 
 from gpt2scratch.config import GPTConfig
 from gpt2scratch.models.feed_forward import FeedForward
+from gpt2scratch.models.kv_cache import KVCache
 from gpt2scratch.models.layer_norm import LayerNorm
-from gpt2scratch.models.multi_head_self_attention import KVCache, MultiHeadSelfAttention
+from gpt2scratch.models.multi_head_self_attention import MultiHeadSelfAttention
 
 
 class TransformerBlock(nn.Module):

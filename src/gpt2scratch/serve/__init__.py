@@ -9,26 +9,44 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from gpt2scratch.config import Sampling
+from gpt2scratch.options import ServeOptions
 from gpt2scratch.serve.protocol import Limits
 
 
-def build_app(loaded, name: str | None = None, max_batch_size: int = 16, max_queue: int = 256, api_key=None):
+def build_app(
+    loaded,
+    name: str | None = None,
+    max_batch_size: int = ServeOptions.max_batch_size,
+    max_queue: int = ServeOptions.max_queue,
+    api_key: str | None = None,
+):
     """A FastAPI app serving a `loading.LoadedModel` (the engine starts with the app)."""
     from gpt2scratch.generation import decoding_layout
     from gpt2scratch.serve.app import create_app
     from gpt2scratch.serve.engine import Engine
 
-    training = loaded.config.training
     limits = Limits(
         model=name or model_name(loaded.source),
         context_length=loaded.config.model.context_length,
         vocab_size=loaded.config.model.vocab_size,
-        default_top_k=training.k_top,
-        default_temperature=training.temperature,
+        sampling=Sampling.from_training(loaded.config.training),
         extra={"parameters": loaded.model.num_params()},
     )
     engine = Engine(decoding_layout(loaded.model), loaded.tokenizer, max_batch_size=max_batch_size, max_queue=max_queue)
     return create_app(engine, limits, api_key)
+
+
+def require_serving_libraries() -> None:
+    """fastapi and uvicorn are the `serve` extra: say how to install them when they are missing."""
+    import importlib.util
+
+    missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ValueError(
+            f"serving needs {' and '.join(missing)}, which are not installed: pip install 'gpt2scratch[serve]' "
+            "(or pip install -r requirements.txt)"
+        )
 
 
 def model_name(source: Path) -> str:

@@ -233,8 +233,8 @@ def _page(limits: Limits, needs_key: bool) -> str:
     settings = {
         "model": limits.model,
         "context_length": limits.context_length,
-        "top_k": limits.default_top_k,
-        "temperature": limits.default_temperature,
+        "top_k": limits.sampling.top_k,
+        "temperature": limits.sampling.temperature,
         "needs_key": needs_key,
     }
     return html.replace("/*SETTINGS*/{}", json.dumps(settings).replace("</", "<\\/"))

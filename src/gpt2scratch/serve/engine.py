@@ -26,7 +26,8 @@ import torch
 
 from gpt2scratch.generation import TextStream, left_pad, sample_rows
 from gpt2scratch.models.gpt import GPT
-from gpt2scratch.models.multi_head_self_attention import KVCache
+from gpt2scratch.models.kv_cache import KVCache
+from gpt2scratch.options import ServeOptions
 from gpt2scratch.serve.protocol import CompletionRequest
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,14 @@ class Stats:
 
 
 class Engine:
-    def __init__(self, model: GPT, tokenizer, max_batch_size: int = 16, max_queue: int = 256, seed: int | None = None):
+    def __init__(
+        self,
+        model: GPT,
+        tokenizer,
+        max_batch_size: int = ServeOptions.max_batch_size,
+        max_queue: int = ServeOptions.max_queue,
+        seed: int | None = None,
+    ):
         if max_batch_size < 1 or max_queue < 1:
             raise ValueError(f"max_batch_size ({max_batch_size}) and max_queue ({max_queue}) must be >= 1")
         self.model = model.eval()

@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from gpt2scratch.config import Sampling
+
 MAX_N = 16  # completions per prompt
 MAX_PROMPTS = 64  # prompts per request
 MAX_STOP = 4  # stop strings, as OpenAI
@@ -87,8 +89,7 @@ class Limits:
     model: str
     context_length: int
     vocab_size: int
-    default_top_k: int = 50
-    default_temperature: float = 1.0
+    sampling: Sampling = Sampling()  # the model's defaults, for what a request leaves out
     extra: dict = field(default_factory=dict)
 
 
@@ -219,9 +220,9 @@ def parse_completion(body: Any, tokenizer, limits: Limits) -> CompletionRequest:
             "max_tokens",
             code="context_length_exceeded",
         )
-    temperature = _number(body, "temperature", limits.default_temperature, 0.0, 2.0)
+    temperature = _number(body, "temperature", limits.sampling.temperature, 0.0, 2.0)
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
-    top_k = _int(body, "top_k", limits.default_top_k, low=-1)
+    top_k = _int(body, "top_k", limits.sampling.top_k, low=-1)
     n = _int(body, "n", 1, low=1, high=MAX_N)
     stop = body.get("stop")
     if stop is None:

@@ -1,0 +1,92 @@
+"""A wall-clock budget for training (`--time-budget MIN`): the number of steps that fits, measured, then
+measured again.
+
+Before the run, `TimeBudget.calibrate` times a few real steps and one evaluation on the trainer, and puts every
+state it touched back (weights, optimizer, loader, RNG), so the run itself is not changed by the measurement.
+From those times it fits max_steps (and the warm-up, in proportion) to the budget. The first steps are
+slower (allocations, caches), so at step REFIT_STEP the trainer asks `refit` again, from the step times it
+measured by then.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from gpt2scratch.runtime import all_reduce
+
+log = logging.getLogger(__name__)
+
+REFIT_STEP = 100  # max_steps is fitted again from the step times measured up to this step
+WARMUP_CALLS = 2  # untimed steps before calibrating: allocations, kernel selection, compilation
+CALIBRATION_STEPS = 5
+
+
+@dataclass
+class TimeBudget:
+    deadline: float  # time.perf_counter() value
+    eval_seconds: float  # what one evaluation costs
+    eval_every: int
+    max_steps: int  # fitted by calibrate, then by refit
+    warmup_steps: int
+    device: torch.device
+    step_seconds: list[float] = field(default_factory=list)  # every step of the run so far
+
+    @classmethod
+    def calibrate(cls, trainer, minutes: float) -> TimeBudget:
+        """Fit max_steps to `minutes` from the trainer's own step and evaluation times (rehearsed, not kept)."""
+        started = time.perf_counter()
+        with trainer.rehearsal():
+            for _ in range(WARMUP_CALLS):
+                trainer.train_step()
+            step_seconds = statistics.median(trainer.train_step()["dt_ms"] / 1000 for _ in range(CALIBRATION_STEPS))
+            eval_started = time.perf_counter()
+            trainer.evaluate()
+            eval_seconds = time.perf_counter() - eval_started
+        schedule = trainer.schedule
+        budget = cls(
+            deadline=started + minutes * 60,
+            eval_seconds=eval_seconds,
+            eval_every=trainer.config.training.eval_every,
+            max_steps=schedule.max_steps,
+            warmup_steps=schedule.warmup_steps,
+            device=trainer.runtime.device,
+        )
+        steps = budget._same_on_every_rank(budget._steps_left(step_seconds))
+        budget.max_steps = steps
+        budget.warmup_steps = min(schedule.warmup_steps, round(steps * schedule.warmup_steps / schedule.max_steps))
+        log.info(
+            f"time budget {minutes:g} min: {step_seconds * 1000:.0f} ms/step, {eval_seconds:.1f} s/eval -> "
+            f"max_steps {budget.max_steps}, warmup_steps {budget.warmup_steps}"
+        )
+        return budget
+
+    def record(self, step_seconds: float) -> None:
+        self.step_seconds.append(step_seconds)
+
+    def refit_due(self, step: int) -> bool:
+        return step == REFIT_STEP
+
+    def median_step_seconds(self) -> float:
+        """The median step time of the run so far, without its first few (slower) steps."""
+        return statistics.median(self.step_seconds[5:] or self.step_seconds)
+
+    def refit(self, step: int) -> int:
+        """max_steps fitted again to the time left, from the step times measured so far."""
+        steps = max(step + self._steps_left(self.median_step_seconds()), self.warmup_steps, step + 1)
+        self.max_steps = self._same_on_every_rank(steps)
+        return self.max_steps
+
+    def _steps_left(self, step_seconds: float) -> int:
+        seconds = self.deadline - time.perf_counter()
+        steps = seconds / step_seconds
+        n_evals = 1 + (int(steps) // self.eval_every if self.eval_every else 0)
+        return max(1, int((seconds - n_evals * self.eval_seconds) / step_seconds))
+
+    def _same_on_every_rank(self, steps: int) -> int:
+        """The smallest rank's answer: every rank must stop at the same step."""
+        return int(all_reduce(torch.tensor([steps], device=self.device), "min").item())

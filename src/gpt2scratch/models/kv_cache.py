@@ -1,0 +1,76 @@
+"""The key/value cache of one attention layer, for incremental decoding.
+
+`update` is all that generation needs. The batch surgery below it (keep_rows, drop_front, join) lets a server
+add rows to, and drop rows from, a batch that is being decoded (gpt2scratch.serve.engine).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """Keys and values of one layer for incremental decoding, allocated once for `max_len` positions
+    (on the first update, in the dtype the keys come in: autocast may make them bf16)."""
+
+    def __init__(self, max_len: int):
+        self.max_len = max_len
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+        self.length = 0
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append (B, nh, T, hs) keys/values; return all keys/values so far."""
+        if self.k is None:
+            B, nh, _, hs = k.shape
+            self.k = k.new_zeros(B, nh, self.max_len, hs)
+            self.v = v.new_zeros(B, nh, self.max_len, hs)
+        start, end = self.length, self.length + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; cannot append up to {end}")
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    # Batch surgery for a server that lets rows join and leave a running batch (gpt2scratch.serve.engine).
+    # Rows are right-aligned: every row's latest token sits at position length - 1, shorter rows are left-padded.
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only these batch rows (a (B',) index tensor), in this order."""
+        if self.k is None:
+            return
+        for name in ("k", "v"):  # copy the positions in use, not the whole max_len buffer
+            old = getattr(self, name)
+            new = old.new_empty(rows.numel(), *old.shape[1:])
+            new[:, :, : self.length] = old[:, :, : self.length].index_select(0, rows)
+            setattr(self, name, new)
+
+    def drop_front(self, n: int) -> None:
+        """Forget the first n positions (padding that no row needs any more)."""
+        if n <= 0 or self.k is None:
+            return
+        keep = self.length - n
+        self.k[:, :, :keep] = self.k[:, :, n : self.length].clone()
+        self.v[:, :, :keep] = self.v[:, :, n : self.length].clone()
+        self.length = keep
+
+    @staticmethod
+    def join(first: KVCache, second: KVCache) -> KVCache:
+        """The rows of `first`, then those of `second`, right-aligned in one cache: the shorter one is padded on
+        the left with zeros (finite, so masked positions add exactly nothing) to the longer one's length."""
+        if first.k is None or second.k is None:
+            raise ValueError("cannot join an empty KV cache")
+        length = max(first.length, second.length)
+        joined = KVCache(max(first.max_len, second.max_len))
+        B1, B2 = first.k.size(0), second.k.size(0)
+        nh, hs = first.k.size(1), first.k.size(3)
+        for name in ("k", "v"):
+            out = first.k.new_empty(B1 + B2, nh, joined.max_len, hs)
+            for rows, cache in ((slice(0, B1), first), (slice(B1, B1 + B2), second)):
+                pad = length - cache.length
+                out[rows, :, :pad] = 0
+                out[rows, :, pad:length] = getattr(cache, name)[:, :, : cache.length]
+            setattr(joined, name, out)
+        joined.length = length
+        return joined

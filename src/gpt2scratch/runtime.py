@@ -1,0 +1,188 @@
+"""Where a run executes: device, precision, ranks (torchrun), and the distributed wrapping of the model.
+
+    runtime = setup_runtime(config.training)   # reads torchrun's RANK / LOCAL_RANK / WORLD_SIZE, starts the group
+    model = shard(model, runtime, fsdp)         # FSDP2: before the optimizer is built
+    model = wrap(model, runtime, fsdp, compile) # torch.compile, then DDP: after the weights are loaded
+
+`auto` choices are made from what the machine reports (CUDA, MPS, the CPU's bfloat16 instructions), never from
+an assumption, and logged with their reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+# Dense bf16 peak FLOP/s of one GPU, for MFU (matched by name).
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "B200": 2250e12, "A100": 312e12, "L40": 181e12, "A10": 125e12}
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    precision: str  # fp32 | bf16 | fp16
+    compile: bool
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """fp16 needs its loss scaled; for other precisions the scaler is disabled and every call passes through."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+
+    def to_device(self, *arrays: np.ndarray) -> tuple[torch.Tensor, ...]:
+        """Batches from the loader onto the device (pinned memory, asynchronous, on CUDA)."""
+        tensors = [torch.from_numpy(array) for array in arrays]
+        if self.device.type == "cuda":
+            return tuple(t.pin_memory().to(self.device, non_blocking=True) for t in tensors)
+        return tuple(t.to(self.device) for t in tensors)
+
+    def peak_flops(self) -> float | None:
+        """Peak bf16 FLOP/s of all ranks together, if the GPU is in the table (else None: no MFU)."""
+        if self.device.type != "cuda":
+            return None
+        name = torch.cuda.get_device_name(self.device)
+        peak = next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+        return None if peak is None else peak * self.world_size
+
+
+def torchrun_ranks() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from torchrun's environment; (0, 0, 1) in a plain process."""
+    return (
+        int(os.environ.get("RANK", "0")),
+        int(os.environ.get("LOCAL_RANK", "0")),
+        int(os.environ.get("WORLD_SIZE", "1")),
+    )
+
+
+def init_distributed(device: torch.device, world_size: int) -> None:
+    """Join torchrun's process group (NCCL on CUDA, gloo elsewhere); nothing to do in a single process."""
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+
+
+def close_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """Reduce `tensor` in place across ranks (sum, min or max) and return it; unchanged in a single process."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
+    return tensor
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def pick_device(requested: str, local_rank: int = 0) -> tuple[torch.device, str]:
+    """The device to run on, and why."""
+    if requested != "auto":
+        device = torch.device(requested)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {requested} was asked for, but CUDA is not available; use --device cpu")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise ValueError(f"device {requested} was asked for, but MPS is not available; use --device cpu")
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", local_rank)
+        return device, "as asked"
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank), f"CUDA is available ({torch.cuda.get_device_name(local_rank)})"
+    if torch.backends.mps.is_available():
+        return torch.device("mps"), "Apple MPS is available"
+    return torch.device("cpu"), "no GPU found"
+
+
+def pick_precision(requested: str, device: torch.device) -> tuple[str, str]:
+    """The autocast precision (fp32, bf16 or fp16), and why."""
+    if requested != "auto":
+        if requested == "fp16" and device.type == "cpu":
+            raise ValueError("precision fp16 is not supported on the CPU; use bf16 or fp32")
+        return requested, "as asked"
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bf16", "the GPU supports bfloat16"
+        return "fp16", "the GPU has no bfloat16: float16 with a gradient scaler"
+    if device.type == "cpu" and _cpu_has_native_bf16():
+        return "bf16", "the CPU has native bfloat16 instructions (avx512_bf16/amx): ~1.5x faster than fp32"
+    return "fp32", f"{device.type}: full precision (bf16 would be emulated)"
+
+
+def _cpu_has_native_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: stay with fp32
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def setup_runtime(training) -> Runtime:
+    """Read torchrun's environment, pick device and precision, start the process group (`training`: the
+    TrainingConfig's device, precision and compile settings)."""
+    rank, local_rank, world_size = torchrun_ranks()
+    device, device_reason = pick_device(training.device, local_rank)
+    precision, precision_reason = pick_precision(training.precision, device)
+    use_compile = training.compile == "on" or (training.compile == "auto" and device.type == "cuda")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: free speed, no visible loss of accuracy
+        torch.backends.cudnn.allow_tf32 = True
+    init_distributed(device, world_size)
+    runtime = Runtime(device, precision, use_compile, rank, local_rank, world_size)
+    if runtime.is_main:
+        log.info(f"device: {device} ({device_reason}); precision: {precision} ({precision_reason})")
+        log.info(f"torch.compile: {'on' if use_compile else 'off'}; ranks: {world_size}")
+    return runtime
+
+
+def shard(model: torch.nn.Module, runtime: Runtime, fsdp: bool) -> torch.nn.Module:
+    """FSDP2: each block, then the whole model, sharded across the ranks (in place; before the optimizer)."""
+    if not fsdp:
+        return model
+    if not runtime.distributed:
+        raise ValueError("--fsdp shards the model across ranks: launch with torchrun --nproc_per_node=N")
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.transformer.h:
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def wrap(model: torch.nn.Module, runtime: Runtime, fsdp: bool, compile: bool) -> torch.nn.Module:
+    """The module the training step calls: compiled, and under DDP when there are several ranks (FSDP2 shards
+    in place instead). The unwrapped model keeps the weights: checkpoints are saved from it."""
+    if compile:
+        model = torch.compile(model)
+    if runtime.distributed and not fsdp:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+        model = DistributedDataParallel(model, device_ids=ids)
+    return model
