@@ -1,7 +1,12 @@
-"""The command line, run as a user runs it (a subprocess), for `info`."""
+"""The command line, run as a user runs it (a subprocess), for `info`; messages for missing optional libraries."""
 
 import json
+import sys
 
+import pytest
+
+from gpt2scratch.metrics import MetricsLogger
+from gpt2scratch.serve import require_serving_libraries
 from gpt2scratch.testing import run_cli as run
 
 
@@ -37,3 +42,19 @@ def test_invalid_config_is_one_line_on_stderr():
 def test_help_lists_commands():
     result = run("--help")
     assert result.returncode == 0 and "info" in result.stdout
+
+
+def test_missing_optional_libraries_name_the_extra(tmp_path, monkeypatch, caplog):
+    """fastapi/uvicorn (`serve`) and matplotlib (`plot`) are extras: without them, a message names the extra."""
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # an import of it now raises ImportError
+    with pytest.raises(ValueError, match=r"serving needs uvicorn, .*pip install 'gpt2scratch\[serve\]'"):
+        require_serving_libraries()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    logger = MetricsLogger(tmp_path, enabled=True)
+    record = {"step": 1, "val_loss": 1.0, "val_ppl": 2.7, "val_bpb": 1.4, "val_tokens": 10}
+    logger.open(total=1, initial=0)
+    logger.log_eval(record, [record], 1.0)
+    logger.log_eval(record, [record], 1.0)
+    logger.close()
+    assert caplog.text.count("loss.png is not drawn: matplotlib is not installed (pip install 'gpt2scratch[plot]')") == 1
+    assert not (tmp_path / "loss.png").exists() and (tmp_path / "metrics.jsonl").is_file()

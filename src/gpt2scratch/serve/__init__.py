@@ -39,9 +39,14 @@ def build_app(
 
 def require_serving_libraries() -> None:
     """fastapi and uvicorn are the `serve` extra: say how to install them when they are missing."""
-    import importlib.util
+    import importlib
 
-    missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
+    missing = []
+    for name in ("fastapi", "uvicorn"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
     if missing:
         raise ValueError(
             f"serving needs {' and '.join(missing)}, which are not installed: pip install 'gpt2scratch[serve]' "
