@@ -119,3 +119,24 @@ def test_config_file_errors(tmp_path):
         resolve_config(config_file=yaml)
     with pytest.raises(ValueError, match="unknown preset 'gpt3'"):
         resolve_config("gpt3")
+
+
+def test_max_steps_below_the_warmup_scales_the_warmup(caplog):
+    """--max-steps under the warm-up keeps the warm-up's share of the run (as --time-budget does), and says so;
+    a warm-up given beside it is the user's and is checked instead."""
+    caplog.set_level("INFO")
+    assert resolve_config(None, overrides={"training": {"max_steps": 40}}).training.warmup_steps == 1  # 715 / 19073
+    assert "max_steps 40 is below warmup_steps 715; warm-up scaled to 1 steps" in caplog.text
+    assert resolve_config("tiny", overrides={"training": {"max_steps": 10}}).training.warmup_steps == 0  # 20 / 500
+    assert resolve_config(None, overrides={"training": {"max_steps": 1000}}).training.warmup_steps == 715
+    with pytest.raises(ValueError, match=r"warmup_steps \(50\) must not exceed max_steps \(40\)"):
+        resolve_config(None, overrides={"training": {"max_steps": 40, "warmup_steps": 50}})
+
+
+@pytest.mark.parametrize("preset", ["tiny", "mini", "small"])
+def test_small_presets_carry_a_schedule_sized_for_them(preset):
+    """The seed's 2^19 tokens per step and 715 warm-up steps are GPT-2 124M's; a CPU preset has its own."""
+    config = resolve_config(preset)
+    t = config.training
+    assert t.tokens_per_step <= 16384 and t.tokens_per_step % (t.batch_size * config.model.context_length) == 0
+    assert t.warmup_steps <= t.max_steps // 10 and t.eval_every <= t.max_steps // 2

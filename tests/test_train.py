@@ -360,3 +360,18 @@ def test_main_py_default_run_with_a_short_budget(tmp_path):
             answer = client.post("/v1/completions", json={"prompt": "ROMEO:\n", "max_tokens": 30, "temperature": 0})
             assert answer.status_code == 200 and answer.json()["model"] == "run"
             assert answer.json()["choices"][0]["text"] == alone
+
+
+def test_resume_with_fewer_steps_than_the_presets_warmup(data_dir, tmp_path):
+    """--resume --max-steps N on a run of the default (cpu) preset, whose warm-up (50) exceeds N: the checkpoint's
+    config is the one resumed, and a max_steps under a warm-up scales it instead of refusing."""
+    args = ["train", "--data-dir", str(data_dir), "--out", str(tmp_path), "--time-budget", "0", "--batch-size", "4"]
+    args += ["--tokens-per-step", "0", "--eval-every", "3", "--save-every", "3"]
+    first = run_cli(*args, "--max-steps", "6")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "max_steps 6 is below warmup_steps 50; warm-up scaled to 0 steps" in first.stderr
+    resumed = run_cli(*args, "--max-steps", "10", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "warm-up scaled" not in resumed.stderr  # the preset's warm-up plays no part in a resumed run
+    assert sorted(metrics(tmp_path)) == list(range(1, 11))
+    assert json.loads((tmp_path / "run_config.json").read_text())["training"]["max_steps"] == 10

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # a target that does not count in the loss (PyTorch's and HF's convention)
 
@@ -214,6 +217,8 @@ class Config:
 
 SECTIONS: dict[str, type] = {"model": GPTConfig, "training": TrainingConfig, "data": DataConfig}
 
+# The cadence of a small CPU run: its steps take milliseconds, not seconds.
+_SMALL_RUN = {"eval_every": 250, "sample_every": 500, "save_every": 250, "log_every": 20}
 # OpenAI's released shapes: their checkpoints have qkv bias and a tied LM head.
 _OPENAI = {"vocab_size": 50257, "context_length": 1024, "qkv_bias": True, "weight_tying": True}
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
@@ -221,10 +226,47 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "gpt2-medium": {"model": {**_OPENAI, "n_layers": 24, "n_heads": 16, "emb_dim": 1024}},
     "gpt2-large": {"model": {**_OPENAI, "n_layers": 36, "n_heads": 20, "emb_dim": 1280}},
     "gpt2-xl": {"model": {**_OPENAI, "n_layers": 48, "n_heads": 25, "emb_dim": 1600}},
-    # Small shapes for CPU work. `tiny` trains in seconds (for checks); `mini` and `small` learn real text.
-    "tiny": {"model": {"n_layers": 2, "n_heads": 2, "emb_dim": 64, "context_length": 64, "drop_rate": 0.0}},
-    "mini": {"model": {"n_layers": 4, "n_heads": 4, "emb_dim": 128, "context_length": 128, "drop_rate": 0.0}},
-    "small": {"model": {"n_layers": 6, "n_heads": 6, "emb_dim": 384, "context_length": 256, "drop_rate": 0.1}},
+    # Small shapes for CPU work, each with a schedule sized for it (the seed's 2^19 tokens per step and 715-step
+    # warm-up are GPT-2 124M's): `tiny` trains in seconds (for checks); `mini` and `small` learn real text.
+    "tiny": {
+        "model": {"n_layers": 2, "n_heads": 2, "emb_dim": 64, "context_length": 64, "drop_rate": 0.0},
+        "training": {
+            **_SMALL_RUN,
+            "batch_size": 32,
+            "tokens_per_step": 2048,
+            "max_lr": 3e-3,
+            "min_lr": 3e-4,
+            "warmup_steps": 20,
+            "max_steps": 500,
+            "eval_every": 100,
+            "sample_every": 250,
+            "save_every": 100,
+        },
+    },
+    "mini": {
+        "model": {"n_layers": 4, "n_heads": 4, "emb_dim": 128, "context_length": 128, "drop_rate": 0.0},
+        "training": {
+            **_SMALL_RUN,
+            "batch_size": 16,
+            "tokens_per_step": 4096,
+            "max_lr": 2e-3,
+            "min_lr": 2e-4,
+            "warmup_steps": 50,
+            "max_steps": 2000,
+        },
+    },
+    "small": {
+        "model": {"n_layers": 6, "n_heads": 6, "emb_dim": 384, "context_length": 256, "drop_rate": 0.1},
+        "training": {
+            **_SMALL_RUN,
+            "batch_size": 8,
+            "tokens_per_step": 16384,
+            "max_lr": 1e-3,
+            "min_lr": 1e-4,
+            "warmup_steps": 100,
+            "max_steps": 5000,
+        },
+    },
     # The CPU default of `train --preset auto` (and so of `python main.py`): on 2 cores a larger model sees too
     # few tokens in 8 minutes; this size learned the most in that time (README, "The default run").
     "cpu": {
@@ -262,8 +304,25 @@ def merge(config: Config, data: dict[str, Any], source: str) -> Config:
         unknown = sorted(set(updates) - set(current))
         if unknown:
             raise ValueError(f"{source}: unknown key(s) {unknown} in section '{name}'; known keys: {sorted(current)}")
-        sections[name] = cls(**{**current, **_coerce(cls, updates)})
+        updates = _coerce(cls, updates)
+        if name == "training":
+            updates = _scale_warmup(current, updates, source)
+        sections[name] = cls(**{**current, **updates})
     return Config(**sections)
+
+
+def _scale_warmup(current: dict[str, Any], updates: dict[str, Any], source: str) -> dict[str, Any]:
+    """A max_steps set below the warm-up (with no warmup_steps beside it) keeps the warm-up's share of the run,
+    as --time-budget does: the seed's 715 of 19073 steps become 1 of 40 with --max-steps 40."""
+    max_steps, warmup = updates.get("max_steps"), current["warmup_steps"]
+    if "warmup_steps" in updates or not isinstance(max_steps, int) or max_steps <= 0 or max_steps >= warmup:
+        return updates
+    scaled = min(warmup, round(max_steps * warmup / current["max_steps"]))
+    log.info(
+        f"{source}: max_steps {max_steps} is below warmup_steps {warmup}; warm-up scaled to {scaled} steps "
+        f"(its share of the {current['max_steps']} steps before); set warmup_steps to choose another"
+    )
+    return {**updates, "warmup_steps": scaled}
 
 
 def _coerce(cls: type, updates: dict[str, Any]) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt2scratch import checkpoint
-from gpt2scratch.config import Config, GPTConfig, Sampling, merge, resolve_config
+from gpt2scratch.config import Config, GPTConfig, Sampling, TrainingConfig, load_config_file, merge, resolve_config
 from gpt2scratch.dataset.data_module import DataModule, prepare
 from gpt2scratch.dataset.shards import MANIFEST, read_manifest
 from gpt2scratch.metrics import METRICS_FILE, PLOT_FILE
@@ -57,16 +57,19 @@ def train(
     overrides = {section: dict(values) for section, values in (overrides or {}).items()}
     if options.out:
         overrides.setdefault("training", {})["save_path"] = options.out
-    config = resolve_config(_preset(preset, options, overrides), config_file, overrides)
+    if options.resume:
+        ckpt_root = _run_dir(config_file, overrides) / checkpoint.CKPT_DIR
+        latest = checkpoint.latest(ckpt_root)
+        if latest is None:
+            raise ValueError(f"--resume: no checkpoint in {ckpt_root}; start without --resume")
+        # The checkpoint's config (not the preset's), with what the command line says on top (e.g. --max-steps).
+        config = merge(Config.from_dict(checkpoint.read_state(latest).state["config"]), overrides, "command line")
+    else:
+        config = resolve_config(_preset(preset, options, overrides), config_file, overrides)
     run_dir = Path(config.training.save_path)
     ckpt_root = run_dir / checkpoint.CKPT_DIR
     latest = checkpoint.latest(ckpt_root)
-    if options.resume:
-        if latest is None:
-            raise ValueError(f"--resume: no checkpoint in {ckpt_root}; start without --resume")
-        # The checkpoint's config, with what the command line says on top (e.g. a larger --max-steps).
-        config = merge(Config.from_dict(checkpoint.read_state(latest).state["config"]), overrides, "command line")
-    elif latest is not None and not options.overwrite:
+    if latest is not None and not options.resume and not options.overwrite:
         raise ValueError(
             f"{ckpt_root} holds checkpoints of an earlier run (latest: {latest.name}); pass --resume to continue "
             "it, --overwrite to start over (deletes them), or --out to train elsewhere"
@@ -114,6 +117,14 @@ def train(
         val_bpb=summary.get("val_bpb"),
         ckpt_dir=ckpt_root,
         hf_dir=hf_dir,
+    )
+
+
+def _run_dir(config_file: str | Path | None, overrides: dict) -> Path:
+    """The run folder of a resumed run: --out, else the config file's save_path, else the default."""
+    from_file = load_config_file(config_file).get("training", {}) if config_file else {}
+    return Path(
+        overrides.get("training", {}).get("save_path") or from_file.get("save_path") or TrainingConfig.save_path
     )
 
 
