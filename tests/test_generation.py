@@ -6,7 +6,15 @@ from torch.testing import assert_close
 
 from conftest import tiny_config
 from gpt2scratch.dataset.tokenizer import Tokenizer
-from gpt2scratch.generation import TextStream, complete, decoding_layout, generate_ids, sample_next, stream_tokens
+from gpt2scratch.generation import (
+    TextStream,
+    complete,
+    decoding_layout,
+    generate_ids,
+    sample_next,
+    sample_rows,
+    stream_tokens,
+)
 from gpt2scratch.hf import hf_model_from_gpt
 from gpt2scratch.models import GPT
 
@@ -43,6 +51,22 @@ def test_greedy_is_argmax_and_top_k_1_is_greedy():
         for token in greedy:
             assert token == model(torch.tensor([history]))[0][0, -1].argmax().item()
             history.append(token)
+
+
+@pytest.mark.parametrize("sampling", [{"temperature": 1e-40}, {"temperature": 1e-50}, {"top_p": 0.0}])
+def test_top_p_0_and_tiny_temperatures_are_greedy(sampling):
+    """No NaN from dividing by a temperature float32 cannot hold, and top_p 0 keeps the likeliest token: greedy."""
+    model, prompts = model_and_prompts()
+    greedy = generate_ids(model, prompts, 15, temperature=0)
+    generator = torch.Generator().manual_seed(0)
+    assert generate_ids(model, prompts, 15, **{"temperature": 1.0, **sampling}, generator=generator) == greedy
+    logits = torch.randn(4, 101) * 5
+    uniform = torch.rand(4)
+    temperature = torch.full((4,), sampling.get("temperature", 1.0))
+    top_p = torch.full((4,), sampling.get("top_p", 1.0))
+    assert torch.equal(
+        sample_rows(logits, temperature, torch.zeros(4, dtype=torch.long), top_p, uniform), logits.argmax(-1)
+    )
 
 
 def test_greedy_ids_equal_transformers_generate():

@@ -24,6 +24,8 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from conftest import write_model
 from gpt2scratch import loading
@@ -31,7 +33,7 @@ from gpt2scratch.generation import complete, sample_rows
 from gpt2scratch.models.kv_cache import KVCache
 from gpt2scratch.serve import build_app
 from gpt2scratch.serve.engine import Engine, Job
-from gpt2scratch.serve.protocol import CompletionRequest
+from gpt2scratch.serve.protocol import KNOWN, CompletionRequest
 from gpt2scratch.testing import ServerProcess, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -281,6 +283,9 @@ BAD_REQUESTS = [
     ({"prompt": "x", "frobnicate": 1}, "frobnicate"),
     ({"prompt": [[1, 2, 60000]]}, "prompt"),
     ({}, "prompt"),
+    ({"prompt": "x", "top_k": 2**64}, "top_k"),  # every integer is bounded before it reaches a tensor
+    ({"prompt": "x", "seed": -(2**64)}, "seed"),
+    ({"prompt": [[1] * 1025]}, "prompt"),
 ]
 
 
@@ -514,3 +519,189 @@ def test_serve_refuses_a_port_in_use_before_loading(model_dir):
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr and "--port" in result.stderr
     assert "Serving" not in result.stdout
+
+
+# ---- hostile and careless clients -------------------------------------------------------------------------------
+
+
+def test_a_failing_row_fails_alone(small_context_model, monkeypatch):
+    """A request whose sampling fails while others decode gets an error; the others finish as they would alone."""
+    loaded = loading.load(str(small_context_model))
+    engine = Engine(loaded.model, loaded.tokenizer, max_batch_size=8)
+    real_sample = engine._sample
+
+    def sample(rows, logits, uniform):
+        if any(row.job.request.top_k == 13 for row in rows):
+            raise RuntimeError("this row's settings break the sampler")
+        return real_sample(rows, logits, uniform)
+
+    monkeypatch.setattr(engine, "_sample", sample)
+    ids = loaded.tokenizer.encode("Once upon a time")
+    good = [completion_request(ids, 20), completion_request(loaded.tokenizer.encode("ROMEO:"), 25)]
+    bad = completion_request(ids, 20, temperature=1.0, top_k=13)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        jobs = [Job(request, loop) for request in (good[0], bad, good[1])]
+        for job in jobs:
+            engine.submit(job)
+        results = []
+        for job in jobs:
+            text, finish = "", None
+            while finish is None:
+                event = await job.events.get()
+                text, finish = text + event.text, event.finish_reason
+            results.append((text, finish))
+        return results
+
+    engine.start()
+    try:
+        first, failed, second = asyncio.run(main())
+    finally:
+        engine.stop()
+    assert failed[1] == "error" and "break the sampler" in failed[0]
+    for (text, finish), request, prompt in zip((first, second), good, ("Once upon a time", "ROMEO:"), strict=True):
+        assert (
+            finish == "length"
+            and text == complete(loaded.model, loaded.tokenizer, [prompt], request.max_tokens, temperature=0)[0]
+        )
+
+
+def test_a_huge_prompt_is_refused_without_encoding_it_and_off_the_event_loop(model_dir, monkeypatch):
+    """A 3.9 MB prompt (under the body limit) cannot fit 1,024 tokens: refused before it is tokenized in full;
+    what is tokenized is tokenized in a worker thread, not on the event loop that serves everyone."""
+    from fastapi.testclient import TestClient
+
+    loaded = loading.load(str(model_dir))
+    encoded: list[tuple[int, bool]] = []  # (characters, on the event loop?)
+    real_encode = loaded.tokenizer.encode
+
+    def encode(text):
+        try:
+            asyncio.get_running_loop()
+            on_loop = True
+        except RuntimeError:
+            on_loop = False
+        encoded.append((len(text), on_loop))
+        return real_encode(text)
+
+    monkeypatch.setattr(loaded.tokenizer, "encode", encode)
+    with TestClient(build_app(loaded, name="tiny")) as client:
+        response = client.post("/v1/completions", json={"prompt": "to be or not " * 300_000, "max_tokens": 1})
+        assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
+        assert "at least" in response.json()["error"]["message"]
+        assert client.post("/v1/completions", json={"prompt": "x y", "max_tokens": 1}).status_code == 200
+    assert max(length for length, _ in encoded) < 1_000_000
+    assert encoded and not any(on_loop for _, on_loop in encoded)
+
+
+def test_a_chunked_body_is_not_read_past_the_limit(server):
+    """200 MiB with no Content-Length, in 1 MiB chunks: the server answers 413 after about 4 MiB and never holds
+    the body in memory (its peak resident memory grows by far less than 200 MiB)."""
+
+    def peak_rss_mib() -> float:
+        status = Path(f"/proc/{server.process.pid}/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) / 1024
+
+    before = peak_rss_mib()
+    body = (b" " * 2**20 for _ in range(200))
+    try:
+        response = httpx.post(server.url + "/v1/completions", content=body, timeout=120)
+        assert response.status_code == 413 and response.json()["error"]["message"].startswith("the request body")
+    except httpx.TransportError:  # the server closed the connection while the client was still sending
+        pass
+    assert peak_rss_mib() - before < 50, (before, peak_rss_mib())
+    assert server.health()["status"] == "ok"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"[" * 100_000 + b"]" * 100_000, b'{"prompt": "x", "seed": ' + b"9" * 5000 + b"}", b"\xff\xfe", b"[1, 2"],
+    ids=["deep", "5000 digits", "not utf-8", "truncated"],
+)
+def test_unparseable_bodies_get_an_openai_json_400(client, raw):
+    response = client.post("/v1/completions", content=raw, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400 and response.headers["content-type"] == "application/json"
+    assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_top_p_0_and_tiny_temperatures_are_greedy(client):
+    """In the API as in generate(): no NaN from dividing by 1e-40, and top_p 0 keeps the likeliest token."""
+    body = {"prompt": "Once upon a time", "max_tokens": 12}
+    greedy = client.post("/v1/completions", json={**body, "temperature": 0}).json()["choices"][0]["text"]
+    for sampling in ({"temperature": 1e-40}, {"top_p": 0}, {"temperature": 1.5, "top_p": 0, "seed": 3}):
+        answer = client.post("/v1/completions", json={**body, **sampling})
+        assert answer.status_code == 200 and answer.json()["choices"][0]["text"] == greedy, sampling
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=30),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=10), inner, max_size=5),
+    max_leaves=12,
+)
+PLAUSIBLE = {  # values near the valid ones, so that generated bodies also get past the first checks
+    "prompt": st.text(max_size=80) | st.lists(st.text(max_size=20), max_size=3) | st.lists(st.integers(-5, 60000)),
+    "max_tokens": st.integers(-3, 70),
+    "temperature": st.floats(-1, 3) | st.sampled_from([0, 1e-45, 1e-40, 2]),
+    "top_p": st.floats(-0.5, 1.5),
+    "top_k": st.integers(-3, 60000) | st.sampled_from([2**63, 2**64]),
+    "n": st.integers(-1, 20),
+    "stop": st.text(max_size=3) | st.lists(st.text(max_size=3), max_size=6),
+    "seed": st.integers(),
+    "stream": st.booleans(),
+    "echo": st.booleans(),
+}
+NEAR_VALID = st.fixed_dictionaries(
+    {"prompt": st.text(max_size=40) | st.lists(st.integers(0, 50256), min_size=1, max_size=8)},
+    optional={
+        "max_tokens": st.integers(0, 20),
+        "temperature": st.floats(0, 2),
+        "top_p": st.floats(0, 1),
+        "top_k": st.integers(-1, 100),
+        "n": st.integers(1, 3),
+        "stop": st.lists(st.text(max_size=3), max_size=4),
+        "seed": st.integers(-(2**63), 2**63 - 1),
+        "stream": st.booleans(),
+        "echo": st.booleans(),
+    },
+)
+BODIES = (
+    JSON
+    | NEAR_VALID
+    | st.dictionaries(
+        st.sampled_from([*sorted(KNOWN), "frobnicate"]),
+        st.deferred(lambda: JSON),
+        max_size=6,
+    ).flatmap(
+        lambda body: st.fixed_dictionaries(
+            {}, optional={key: PLAUSIBLE[key] for key in PLAUSIBLE if key not in body}
+        ).map(lambda plausible: {**body, **plausible})
+    )
+)
+
+
+@pytest.fixture(scope="module")
+def small_client(small_context_model):
+    from fastapi.testclient import TestClient
+
+    with TestClient(build_app(loading.load(str(small_context_model)), name="ctx64")) as test_client:
+        yield test_client
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(body=BODIES)
+def test_generated_request_bodies_never_get_a_5xx(small_client, body):
+    """Whatever JSON a client sends: a 4xx in OpenAI's format or an answer; never a 5xx."""
+    raw = json.dumps(body).encode()  # NaN and Infinity as Python writes them: not JSON, but clients send them
+    response = small_client.post("/v1/completions", content=raw, headers={"Content-Type": "application/json"})
+    assert response.status_code < 500, (body, response.text)
+    if response.status_code >= 400:
+        assert response.json()["error"]["message"]
+    elif not body.get("stream"):
+        assert response.json()["choices"]
+
+
+def test_the_server_is_healthy_after_generated_bodies(small_client):
+    assert small_client.get("/health").json()["status"] == "ok"
+    good = small_client.post("/v1/completions", json={"prompt": "x", "max_tokens": 3})
+    assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] == 3

@@ -170,8 +170,8 @@ class Sampling:
         require_number(self, "top_p")
         if self.temperature < 0:
             raise ValueError(f"temperature ({self.temperature}) must be >= 0 (0 means greedy)")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p ({self.top_p}) must be in (0, 1] (1 = off)")
+        if not 0 <= self.top_p <= 1:
+            raise ValueError(f"top_p ({self.top_p}) must be in [0, 1] (1 = off, 0 = greedy)")
 
     @classmethod
     def from_training(cls, training: TrainingConfig) -> Sampling:

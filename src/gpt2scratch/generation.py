@@ -1,7 +1,8 @@
 """Text generation with a key/value cache: each prompt is processed once, then one token per forward pass.
 
-Sampling: temperature 0 is greedy; otherwise logits / temperature, then top-k, then top-p (nucleus), then a draw
-from a `torch.Generator` (so sampling never touches the global RNG that dropout uses in training).
+Sampling: temperature 0 (or one too small for float32) and top_p 0 are greedy; otherwise logits / temperature,
+then top-k, then top-p (nucleus), then a draw from a `torch.Generator` (so sampling never touches the global RNG
+that dropout uses in training).
 
 Batches: prompts of different lengths are left-padded; the padding is masked out of attention and each row's
 positions start at 0 after its padding, so a row generates what it would generate alone.
@@ -23,6 +24,8 @@ import torch
 
 from gpt2scratch.config import Sampling
 from gpt2scratch.models.gpt import GPT
+
+TINY_TEMPERATURE = torch.finfo(torch.float32).tiny  # below this, sampling is greedy (see is_greedy)
 
 
 def decoding_layout(model: GPT) -> GPT:
@@ -46,10 +49,11 @@ def sample_next(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """logits (B, V) -> next token ids (B, 1). top_k=0 and top_p=1 switch those filters off."""
-    if temperature == 0:
+    """logits (B, V) -> next token ids (B, 1). top_k=0 and top_p=1 switch those filters off; temperature 0 (or
+    one too small for float32) and top_p 0 are greedy."""
+    if is_greedy(temperature, top_p):
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
+    logits = _scale(logits, temperature)
     if top_k and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -64,6 +68,19 @@ def sample_next(
     return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
+def is_greedy(temperature, top_p):
+    """Which settings mean "the likeliest token": temperature 0 or below float32's smallest normal number (dividing
+    by it would overflow), or top_p 0 (no probability mass at all). Works on floats and on (B,) tensors."""
+    return (temperature < TINY_TEMPERATURE) | (top_p <= 0)
+
+
+def _scale(logits: torch.Tensor, temperature) -> torch.Tensor:
+    """logits / temperature in float32, shifted so that the largest is 0: a tiny temperature then sends the
+    others to -inf (a one-hot distribution), never to inf - inf = NaN."""
+    logits = logits.float()
+    return (logits - logits.max(dim=-1, keepdim=True).values) / temperature
+
+
 def sample_rows(
     logits: torch.Tensor,
     temperature: torch.Tensor,
@@ -76,12 +93,12 @@ def sample_rows(
     uniform (B,) draws in [0, 1), one per row from that row's own generator, so a row's tokens do not depend on the
     rows beside it. Filters as in sample_next; the draw is the inverse of the kept tokens' cumulative distribution."""
     greedy = logits.argmax(dim=-1)
-    rows = (temperature > 0).nonzero().squeeze(-1)
+    rows = (~is_greedy(temperature, top_p)).nonzero().squeeze(-1)
     if rows.numel() == 0:
         return greedy
     logits, temperature, top_k, top_p = logits[rows], temperature[rows], top_k[rows], top_p[rows]
     V = logits.size(-1)
-    scaled = logits.float() / temperature[:, None]
+    scaled = _scale(logits, temperature[:, None])
     k = torch.where(top_k > 0, top_k, V).clamp(max=V)
     if bool((k < V).all()):  # every row keeps at most max(k) tokens: a partial sort is enough
         sorted_logits, order = torch.topk(scaled, int(k.max()), dim=-1)

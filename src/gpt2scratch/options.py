@@ -111,7 +111,7 @@ class GenerateOptions:
     max_new_tokens: int | None = field(**option("tokens to generate (default: the model's max_new_token, 50)"))
     temperature: float | None = field(**option("0 = greedy (default: the model's, 1.0)"))
     top_k: int | None = field(**option("sample among the k likeliest (0 = off; default: the model's, 50)"))
-    top_p: float = field(**option("nucleus sampling mass (1.0 = off)", 1.0))
+    top_p: float = field(**option("nucleus sampling mass (1.0 = off, 0 = greedy)", 1.0))
     stop: list[str] = field(
         default_factory=list, metadata={"help": "stop at this text (repeatable)", "action": "append"}
     )

@@ -107,6 +107,11 @@ class Tokenizer:
         return b"".join(self._token_bytes[int(i)] for i in ids)
 
     @cached_property
+    def max_token_bytes(self) -> int:
+        """The most bytes one token stands for: a text of N bytes is at least N / this many tokens."""
+        return max(len(token) for token in self.vocab)  # one character per byte in vocab.json (EOT: 13)
+
+    @cached_property
     def _token_bytes(self) -> dict[int, bytes]:
         """Each id's bytes, built once (streaming decodes one token at a time)."""
         byte_decoder = {c: b for b, c in bytes_to_unicode().items()}

@@ -30,6 +30,7 @@ def build_app(
         model=name or model_name(loaded.source),
         context_length=loaded.config.model.context_length,
         vocab_size=loaded.config.model.vocab_size,
+        max_token_chars=loaded.tokenizer.max_token_bytes,
         sampling=Sampling.from_training(loaded.config.training),
         extra={"parameters": loaded.model.num_params()},
     )

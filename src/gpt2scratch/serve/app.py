@@ -22,6 +22,7 @@ from importlib import resources
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gpt2scratch.serve import protocol
@@ -56,6 +57,15 @@ def create_app(engine: Engine, limits: Limits, api_key: str | None = None) -> Fa
             error.status_code, str(error.detail)
         )
         return JSONResponse(APIError(error.status_code, message).body(), status_code=error.status_code)
+
+    def parse(raw: bytes) -> protocol.CompletionRequest:
+        return protocol.parse_completion(protocol.parse_json(raw), engine.tokenizer, limits)
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, error: Exception):  # a bug: still an answer in OpenAI's format
+        log.error(f"{request.method} {request.url.path} failed: {type(error).__name__}: {error}")
+        body = APIError(500, f"internal error ({type(error).__name__}); this is a bug", type="server_error").body()
+        return JSONResponse(body, status_code=500)
 
     def authorize(request: Request) -> None:
         if api_key is None:
@@ -116,15 +126,9 @@ def create_app(engine: Engine, limits: Limits, api_key: str | None = None) -> Fa
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         authorize(request)
-        too_large = APIError(413, f"the request body is larger than {MAX_BODY_BYTES // 2**20} MiB")
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-            raise too_large
-        raw = await request.body()
-        if len(raw) > MAX_BODY_BYTES:
-            raise too_large
-        body = protocol.parse_json(raw)
-        completion = protocol.parse_completion(body, engine.tokenizer, limits)
+        raw = await _read_body(request)
+        # Parsing and tokenizing take CPU time: off the event loop, so that other requests are not held up.
+        completion = await run_in_threadpool(parse, raw)
         if completion.n_choices > engine.max_queue:
             raise APIError(
                 400,
@@ -148,6 +152,21 @@ def create_app(engine: Engine, limits: Limits, api_key: str | None = None) -> Fa
         return JSONResponse(whole) if whole is not None else Response(status_code=499)  # nobody is listening
 
     return app
+
+
+async def _read_body(request: Request) -> bytes:
+    """The body, read no further than MAX_BODY_BYTES (a declared Content-Length or a chunked body alike)."""
+    too_large = APIError(413, f"the request body is larger than {MAX_BODY_BYTES // 2**20} MiB")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 class _Answer:

@@ -181,14 +181,12 @@ class Engine:
                             self._cond.wait()
                         if self._stopping:
                             break
+                    self._admit()
                     try:
-                        self._admit()
                         if self._rows:
                             self._step()
-                    except Exception as error:  # a failed step fails its rows, not the server
-                        log.exception("generation failed; the rows of this batch get an error")
-                        for row in self._rows:
-                            row.job.emit(Event(row.choice, f"generation failed: {error}", "error", row.generated))
+                    except Exception as error:  # the model itself failed: the batch's rows fail, not the server
+                        self._fail(self._rows, error)
                         self._reset()
         except BaseException as error:  # pragma: no cover - the thread itself died
             self.error = error
@@ -197,6 +195,11 @@ class Engine:
             self._stopping = True
             for row in [*self._rows, *self._pending]:
                 row.job.emit(Event(row.choice, "the server is shutting down", "error", row.generated))
+
+    def _fail(self, rows: list[Row], error: Exception) -> None:
+        log.exception(f"generation failed for {len(rows)} completion(s); they get an error")
+        for row in rows:
+            row.job.emit(Event(row.choice, f"generation failed: {error}", "error", row.generated))
 
     def _reset(self) -> None:
         self._rows, self._caches, self._pad, self._logits = [], [], None, None
@@ -211,6 +214,12 @@ class Engine:
                 new.append(self._pending.popleft())
         if not new:
             return
+        try:
+            self._prefill(new)
+        except Exception as error:  # the new rows fail; the running batch is untouched (its caches are joined last)
+            self._fail(new, error)
+
+    def _prefill(self, new: list[Row]) -> None:
         ids, pad = left_pad([row.prompt for row in new], self.context, self.device)
         pad = pad if pad is not None else torch.zeros(len(new), dtype=torch.long, device=self.device)
         caches = self.model.new_kv_caches()
@@ -219,20 +228,33 @@ class Engine:
             self._rows, self._caches, self._pad, self._logits = new, caches, pad, logits[:, -1, :]
             return
         old_length, new_length = self._caches[0].length, caches[0].length
-        self._caches = [KVCache.join(old, fresh) for old, fresh in zip(self._caches, caches, strict=True)]
-        self._pad = torch.cat([self._pad + max(new_length - old_length, 0), pad + max(old_length - new_length, 0)])
-        self._logits = torch.cat([self._logits, logits[:, -1, :]])
-        self._rows = self._rows + new
+        joined = [KVCache.join(old, fresh) for old, fresh in zip(self._caches, caches, strict=True)]
+        pad = torch.cat([self._pad + max(new_length - old_length, 0), pad + max(old_length - new_length, 0)])
+        logits = torch.cat([self._logits, logits[:, -1, :]])
+        self._rows, self._caches, self._pad, self._logits = self._rows + new, joined, pad, logits
 
-    def _step(self) -> None:
-        """Sample one token for every row, send the text, drop finished rows, run the next forward pass."""
-        rows = self._rows
+    def _sample(self, rows: list[Row], logits: torch.Tensor, uniform: torch.Tensor) -> list[int]:
         settings = [row.job.request for row in rows]
         temperature = torch.tensor([r.temperature for r in settings], device=self.device)
         top_k = torch.tensor([r.top_k for r in settings], device=self.device)
         top_p = torch.tensor([r.top_p for r in settings], device=self.device)
+        return sample_rows(logits, temperature, top_k, top_p, uniform).tolist()
+
+    def _step(self) -> None:
+        """Sample one token for every row, send the text, drop finished rows, run the next forward pass."""
+        rows = self._rows
         uniform = torch.cat([torch.rand(1, generator=row.generator) for row in rows])
-        tokens = sample_rows(self._logits, temperature, top_k, top_p, uniform).tolist()
+        try:
+            tokens = self._sample(rows, self._logits, uniform)
+        except Exception:  # find the rows whose settings fail: they fail alone
+            tokens = []
+            for i, row in enumerate(rows):
+                try:
+                    tokens += self._sample([row], self._logits[i : i + 1], uniform[i : i + 1])
+                except Exception as error:
+                    self._fail([row], error)
+                    row.job.cancel()  # dropped below, with the rows of clients gone
+                    tokens.append(None)
         self.stats.steps += 1
         self.stats.batch_rows_total += len(rows)
 

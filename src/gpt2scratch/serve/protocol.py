@@ -89,6 +89,7 @@ class Limits:
     model: str
     context_length: int
     vocab_size: int
+    max_token_chars: int = 64  # the longest token's text: a prompt longer than context x this cannot fit
     sampling: Sampling = Sampling()  # the model's defaults, for what a request leaves out
     extra: dict = field(default_factory=dict)
 
@@ -96,7 +97,9 @@ class Limits:
 def parse_json(raw: bytes) -> Any:
     try:
         return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:  # ValueError: JSON, or a 5,000-digit int
+        if isinstance(error, RecursionError):
+            error = "nested too deeply"
         raise APIError(
             400,
             f"We could not parse the JSON body of your request ({error}). The body must be one JSON object; "
@@ -154,25 +157,33 @@ def _prompts(value, tokenizer, limits: Limits) -> tuple[list[list[int]], list[st
     prompts, texts = [], []
     for i, item in enumerate(value):
         if isinstance(item, str):
+            if len(item) > limits.context_length * limits.max_token_chars:  # refused before encoding it all
+                raise _too_long(limits, i, len(value), f"at least {len(item) // limits.max_token_chars}")
             ids = tokenizer.encode(item) if item else [tokenizer.eot_id]  # "" starts from <|endoftext|>
             text = item
         elif isinstance(item, list) and item and all(_is_id(t) for t in item):
+            if len(item) > limits.context_length:
+                raise _too_long(limits, i, len(value), str(len(item)))
             if max(item) >= limits.vocab_size:
                 raise APIError(400, f"prompt[{i}] holds token id {max(item)}, not below {limits.vocab_size}", "prompt")
             ids, text = item, tokenizer.decode(item)
         else:
             raise APIError(400, f"prompt[{i}] ({_short(item)}) is not a string or a list of token ids", "prompt")
         if len(ids) > limits.context_length:
-            raise APIError(
-                400,
-                f"This model's maximum context length is {limits.context_length} tokens, however your prompt"
-                f"{'' if len(value) == 1 else f'[{i}]'} is {len(ids)} tokens. Please shorten the prompt.",
-                "prompt",
-                code="context_length_exceeded",
-            )
+            raise _too_long(limits, i, len(value), str(len(ids)))
         prompts.append(ids)
         texts.append(text)
     return prompts, texts
+
+
+def _too_long(limits: Limits, index: int, count: int, tokens: str) -> APIError:
+    return APIError(
+        400,
+        f"This model's maximum context length is {limits.context_length} tokens, however your prompt"
+        f"{'' if count == 1 else f'[{index}]'} is {tokens} tokens. Please shorten the prompt.",
+        "prompt",
+        code="context_length_exceeded",
+    )
 
 
 def _is_id(value) -> bool:
@@ -222,7 +233,7 @@ def parse_completion(body: Any, tokenizer, limits: Limits) -> CompletionRequest:
         )
     temperature = _number(body, "temperature", limits.sampling.temperature, 0.0, 2.0)
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
-    top_k = _int(body, "top_k", limits.sampling.top_k, low=-1)
+    top_k = _int(body, "top_k", limits.sampling.top_k, low=-1, high=limits.vocab_size)
     n = _int(body, "n", 1, low=1, high=MAX_N)
     stop = body.get("stop")
     if stop is None:
