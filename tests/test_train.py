@@ -375,3 +375,84 @@ def test_resume_with_fewer_steps_than_the_presets_warmup(data_dir, tmp_path):
     assert "warm-up scaled" not in resumed.stderr  # the preset's warm-up plays no part in a resumed run
     assert sorted(metrics(tmp_path)) == list(range(1, 11))
     assert json.loads((tmp_path / "run_config.json").read_text())["training"]["max_steps"] == 10
+
+
+def test_a_checkpoint_that_lacks_a_tensor_is_refused_before_loading(data_dir, tmp_path):
+    """torch's set_model_state_dict ignores missing keys: the key set and shapes are compared first."""
+    from safetensors.torch import load_file, save_file
+
+    make_trainer(make_config(data_dir, max_steps=4, save_every=2, keep_last=5), tmp_path).fit()
+    weights_file = tmp_path / "ckpt" / "step_000004" / "model.safetensors"
+    weights = load_file(weights_file)
+    del weights["transformer.h.0.attn.c_attn.weight"]
+    save_file(weights, weights_file)
+    config = make_config(data_dir, max_steps=6, save_every=2, keep_last=5)
+    with pytest.raises(checkpoint.CheckpointError) as error:
+        make_trainer(config, tmp_path, resume=True)
+    assert "does not fit the model (missing: transformer.h.0.attn.c_attn.weight)" in str(error.value)
+    assert str(error.value).endswith(f"--resume {tmp_path / 'ckpt' / 'step_000002'}")
+
+
+def test_resume_from_a_named_checkpoint_when_the_latest_is_damaged(data_dir, tmp_path):
+    """The message names the earlier checkpoint, and `--resume CKPT` continues from it, bit for bit."""
+    args = ["train", *TRAIN_ARGS, "--max-steps", "8", "--save-every", "2", "--keep-last", "10", "--eval-every", "4"]
+    args += ["--data-dir", str(data_dir), "--drop-rate", "0.1"]
+    assert run_cli(*args, "--out", str(tmp_path / "full")).returncode == 0
+    shutil.copytree(tmp_path / "full", tmp_path / "damaged")
+    (tmp_path / "damaged" / "ckpt" / "step_000008" / "optimizer.pt").write_bytes(b"not a zip")
+    refused = run_cli(*args, "--out", str(tmp_path / "damaged"), "--resume")
+    earlier = tmp_path / "damaged" / "ckpt" / "step_000006"
+    assert refused.returncode == 1 and refused.stderr.strip().endswith(f"--resume {earlier}"), refused.stderr
+    assert "Traceback" not in refused.stderr and refused.stderr.strip().splitlines()[-1].startswith(
+        "gpt2scratch train: error:"
+    )
+    (tmp_path / "damaged" / "metrics.jsonl").write_text("")  # forget what the first run logged
+    resumed = run_cli(*args, "--resume", str(earlier))  # the run folder follows from the checkpoint's path
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    full, again = metrics(tmp_path / "full"), metrics(tmp_path / "damaged")
+    assert [again[s] for s in (7, 8)] == [full[s] for s in (7, 8)]
+
+
+def test_non_finite_weights_are_never_checkpointed(data_dir, tmp_path):
+    """An update that leaves NaN in the weights while the loss is still finite: no checkpoint holds it."""
+    trainer = make_trainer(make_config(data_dir, max_steps=10, save_every=1, keep_last=10), tmp_path)
+    real_step = trainer.optimizer.step
+
+    def exploding_step(*args, **kwargs):
+        result = real_step(*args, **kwargs)
+        if trainer.step == 2:  # the update of step 3
+            with torch.no_grad():
+                trainer.raw_model.transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")
+        return result
+
+    trainer.optimizer.step = exploding_step
+    with pytest.raises(TrainingError, match="the weights are not finite at step 3: the run diverged"):
+        trainer.fit()
+    assert checkpoint.latest(tmp_path / "ckpt").name == "step_000002"
+    assert all(
+        torch.isfinite(v).all() for v in checkpoint.load_model_state(checkpoint.latest(tmp_path / "ckpt")).values()
+    )
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [OSError(28, "No space left on device"), RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos")],
+    ids=["oserror", "torch-zip-writer"],
+)
+def test_a_full_disk_during_a_save_says_so_once(data_dir, tmp_path, monkeypatch, failure):
+    import shutil as shutil_module
+
+    trainer = make_trainer(make_config(data_dir, max_steps=4, save_every=2, keep_last=5), tmp_path)
+    real_save, real_usage = torch.save, shutil_module.disk_usage
+
+    def save(obj, path, *args, **kwargs):
+        if "step_000004" in str(path):
+            monkeypatch.setattr(shutil_module, "disk_usage", lambda p: real_usage(p)._replace(free=0))
+            raise failure
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(checkpoint.CheckpointError, match="No space left on device") as error:
+        trainer.fit()
+    assert "step_000004" in str(error.value) and "--resume" in str(error.value)
+    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["step_000002"]  # the partial save is removed

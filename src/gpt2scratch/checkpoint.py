@@ -16,6 +16,7 @@ or FSDP2), which checkpoints to keep, and restoring the latest for --resume.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -67,17 +68,37 @@ def save(
     final = step_dir(ckpt_root, step)
     tmp = ckpt_root / f".tmp-{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)
-    write_model_folder(tmp, model_state, {**state, "step": step}, tokenizer_dir)
-    torch.save(optimizer_state, tmp / "optimizer.pt")
-    torch.save(rng_states, tmp / "rng.pt")
-    for file in tmp.rglob("*"):
-        if file.is_file():
-            _fsync(file)
+    try:
+        write_model_folder(tmp, model_state, {**state, "step": step}, tokenizer_dir)
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+        torch.save(rng_states, tmp / "rng.pt")
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                _fsync(file)
+    except Exception as error:
+        if not _out_of_space(error, ckpt_root):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # give the space back; the earlier checkpoints are whole
+        raise CheckpointError(
+            f"cannot write the checkpoint {final}: No space left on device; free some space in {ckpt_root} "
+            "(or keep fewer checkpoints: --keep-last), then --resume"
+        ) from None
     if final.exists():  # re-saving the same step (e.g. Ctrl-C right after a periodic save)
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync(ckpt_root)
     return final
+
+
+def _out_of_space(error: Exception, folder: Path) -> bool:
+    """Whether a failed write ran out of disk space: the libraries say so in different ways (an OSError,
+    safetensors' "No space left", torch's zip writer's "unexpected pos"), so the disk is asked too."""
+    if getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error):
+        return True
+    try:
+        return shutil.disk_usage(folder).free < 1 << 20
+    except OSError:
+        return False
 
 
 def write_model_folder(
@@ -125,7 +146,7 @@ def read_state(path: str | Path) -> Checkpoint:
     try:
         return Checkpoint(path, json.loads(state_file.read_text(encoding="utf-8")))
     except json.JSONDecodeError as error:
-        raise CheckpointError(f"{state_file} is corrupt ({error}); resume from an earlier checkpoint") from None
+        raise CheckpointError(f"{state_file} is corrupt ({error})") from None
 
 
 def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -146,7 +167,7 @@ def load_model_state(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         state = load_file(str(file))
     except (SafetensorError, OSError, RuntimeError) as error:
-        raise CheckpointError(f"{file} is truncated or corrupt ({error}); resume from an earlier checkpoint") from None
+        raise CheckpointError(f"{file} is truncated or corrupt ({error})") from None
     if "lm_head.weight" not in state and "transformer.wte.weight" in state:
         state["lm_head.weight"] = state["transformer.wte.weight"]
     return state
@@ -160,7 +181,7 @@ def load_tensors(path: str | Path, name: str):
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for a damaged zip/pickle
-        raise CheckpointError(f"{file} is truncated or corrupt ({error}); resume from an earlier checkpoint") from None
+        raise CheckpointError(f"{file} is truncated or corrupt ({error})") from None
 
 
 def prune(ckpt_root: str | Path, keep_last: int, keep: set[int]) -> None:
@@ -219,14 +240,27 @@ class Checkpointer:
             prune(self.root, self.keep_last, {best_step} if best_step is not None else set())
         barrier()
 
-    def latest(self) -> Checkpoint:
-        path = latest(self.root)
+    def find(self, path: str | Path | None = None) -> Checkpoint:
+        """The checkpoint to resume: `path`, or the latest in the run folder."""
         if path is None:
-            raise ValueError(f"--resume: no checkpoint in {self.root}; start without --resume")
-        return read_state(path)
+            path = latest(self.root)
+            if path is None:
+                raise ValueError(f"--resume: no checkpoint in {self.root}; start without --resume")
+        try:
+            return read_state(path)
+        except CheckpointError as error:
+            raise self._with_earlier(error, Path(path)) from None
 
     def restore(self, ckpt: Checkpoint, model, optimizer, scaler) -> None:
-        """Load a checkpoint's weights, optimizer, scaler and this rank's RNG into the run."""
+        """Load a checkpoint's weights, optimizer, scaler and this rank's RNG into the run; a damaged file, or
+        weights that do not fit the model (a tensor missing, another shape), stop the resume before anything
+        is loaded, naming an earlier checkpoint to resume instead."""
+        try:
+            self._restore(ckpt, model, optimizer, scaler)
+        except CheckpointError as error:
+            raise self._with_earlier(error, ckpt.path) from None
+
+    def _restore(self, ckpt: Checkpoint, model, optimizer, scaler) -> None:
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             set_model_state_dict,
@@ -234,7 +268,9 @@ class Checkpointer:
         )
 
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
-        set_model_state_dict(model, load_model_state(ckpt.path), options=options)
+        weights = load_model_state(ckpt.path)
+        check_weights(weights, {name: tuple(t.shape) for name, t in model.state_dict().items()}, ckpt.path)
+        set_model_state_dict(model, weights, options=options)
         optimizer_state = load_tensors(ckpt.path, "optimizer.pt")
         scaler_state = optimizer_state.pop("grad_scaler", None)
         set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
@@ -246,3 +282,28 @@ class Checkpointer:
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and self.runtime.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.runtime.device)
+
+    def _with_earlier(self, error: CheckpointError, path: Path) -> CheckpointError:
+        """The error, with the checkpoint to resume instead (the newest one older than `path`)."""
+        match = _STEP_DIR.fullmatch(path.name)
+        step = int(match.group(1)) if match else 1 << 62
+        earlier = [p for p in list_checkpoints(path.parent) if int(_STEP_DIR.fullmatch(p.name).group(1)) < step]
+        hint = f"--resume {earlier[-1]}" if earlier else "--overwrite (there is no earlier checkpoint)"
+        return CheckpointError(f"{error}; resume from an earlier checkpoint instead: {hint}")
+
+
+def check_weights(weights: dict[str, torch.Tensor], expected: dict[str, tuple], source: Path) -> None:
+    """The weights hold exactly the tensors `expected` names, with those shapes; else say which do not fit."""
+    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    reshaped = [
+        f"{k} {tuple(weights[k].shape)} (expected {expected[k]})"
+        for k in expected
+        if k in weights and tuple(weights[k].shape) != expected[k]
+    ]
+    if missing or unexpected or reshaped:
+        problems = [
+            f"{label}: {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}"
+            for label, items in (("missing", missing), ("unexpected", unexpected), ("other shape", reshaped))
+            if items
+        ]
+        raise CheckpointError(f"{source}/model.safetensors does not fit the model ({'; '.join(problems)})")

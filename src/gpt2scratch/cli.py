@@ -62,7 +62,7 @@ def add_fields(parser, cls: type, section: str, flag_prefix: str = "", config_se
         else:
             kwargs["type"] = {"int": int, "float": float, "str": str, "list[str]": str}[kind]
             kwargs["metavar"] = meta.get("metavar", None if "choices" in meta else f.name.upper())
-            for key in ("nargs", "action", "required"):
+            for key in ("nargs", "const", "action", "required"):
                 if key in meta:
                     kwargs[key] = meta[key]
         if meta.get("positional"):

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from gpt2scratch.config import require_int
 
 MAX_SHARD_VOCAB = 2**16  # token ids are stored as uint16 in the shards
+LATEST = "latest"  # --resume without a checkpoint named
 
 
 def option(help: str, default=None, **cli) -> dict:
@@ -87,7 +88,15 @@ class TrainOptions:
     """What a training run starts from and where it goes; the rest is its Config."""
 
     out: str | None = field(**option("run folder (same as --save-path)", metavar="DIR"))
-    resume: bool = field(**option("continue from the latest checkpoint in the run folder", False))
+    resume: str | None = field(
+        **option(
+            "continue from the latest checkpoint in the run folder, or from the checkpoint CKPT named "
+            "(e.g. an earlier one, when the latest is damaged)",
+            nargs="?",
+            const=LATEST,
+            metavar="CKPT",
+        )
+    )
     overwrite: bool = field(**option("start over in a run folder that has checkpoints (deletes them)", False))
     init_from: str | None = field(
         **option(

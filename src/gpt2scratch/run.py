@@ -24,7 +24,7 @@ from gpt2scratch.config import Config, GPTConfig, Sampling, TrainingConfig, load
 from gpt2scratch.dataset.data_module import DataModule, prepare
 from gpt2scratch.dataset.shards import MANIFEST, read_manifest
 from gpt2scratch.metrics import METRICS_FILE, PLOT_FILE
-from gpt2scratch.options import PrepareOptions, TrainOptions
+from gpt2scratch.options import LATEST, PrepareOptions, TrainOptions
 from gpt2scratch.runtime import barrier, close_distributed, pick_device, setup_runtime
 
 log = logging.getLogger(__name__)
@@ -57,13 +57,20 @@ def train(
     overrides = {section: dict(values) for section, values in (overrides or {}).items()}
     if options.out:
         overrides.setdefault("training", {})["save_path"] = options.out
+    resume_from = None  # the checkpoint --resume names (None: the run's latest)
     if options.resume:
+        if options.resume != LATEST:
+            resume_from = Path(options.resume)
+            if not (resume_from / "state.json").is_file():
+                raise ValueError(f"--resume {resume_from}: not a checkpoint folder (no state.json in it)")
+            if not options.out:  # RUN/ckpt/step_N: the run it belongs to
+                overrides.setdefault("training", {})["save_path"] = str(resume_from.parent.parent)
         ckpt_root = _run_dir(config_file, overrides) / checkpoint.CKPT_DIR
-        latest = checkpoint.latest(ckpt_root)
-        if latest is None:
+        source = resume_from or checkpoint.latest(ckpt_root)
+        if source is None:
             raise ValueError(f"--resume: no checkpoint in {ckpt_root}; start without --resume")
         # The checkpoint's config (not the preset's), with what the command line says on top (e.g. --max-steps).
-        config = merge(Config.from_dict(checkpoint.read_state(latest).state["config"]), overrides, "command line")
+        config = merge(Config.from_dict(checkpoint.read_state(source).state["config"]), overrides, "command line")
     else:
         config = resolve_config(_preset(preset, options, overrides), config_file, overrides)
     run_dir = Path(config.training.save_path)
@@ -97,7 +104,8 @@ def train(
         if runtime.is_main and not options.resume:
             (run_dir / METRICS_FILE).unlink(missing_ok=True)
         init_weights = init.model.state_dict() if init is not None else None
-        trainer = Trainer(config, run_dir, runtime, data, resume=options.resume, init_weights=init_weights)
+        resume = (resume_from or True) if options.resume else False
+        trainer = Trainer(config, run_dir, runtime, data, resume=resume, init_weights=init_weights)
         budget = None
         if t.time_budget and not options.resume:
             budget = TimeBudget.calibrate(trainer, t.time_budget)

@@ -99,7 +99,7 @@ class Trainer:
         run_dir: str | Path,
         runtime: Runtime,
         data: DataModule,
-        resume: bool = False,
+        resume: bool | str | Path = False,
         init_weights: dict[str, torch.Tensor] | None = None,
     ):
         self.config, self.runtime, self.data = config, runtime, data
@@ -136,7 +136,7 @@ class Trainer:
         if runtime.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume:
-            self._resume()
+            self._resume(None if resume is True else resume)
         else:
             torch.manual_seed(t.seed + runtime.rank)  # dropout masks differ per rank
         self.compiled = runtime.compile
@@ -358,6 +358,11 @@ class Trainer:
         return replace(self.config, training=fitted)
 
     def save_checkpoint(self, val_loss: float | None) -> None:
+        if not self._weights_finite():  # never overwrite the last good checkpoint with a diverged model
+            raise TrainingError(
+                f"the weights are not finite at step {self.step}: the run diverged, and no checkpoint was written. "
+                f"The last checkpoint in {self.checkpointer.root} is intact; resume from it with a lower --max-lr"
+            )
         state = {
             "config": self.run_config().to_dict(),
             "loader": self.loader.state_dict(),
@@ -370,8 +375,18 @@ class Trainer:
         }
         self.checkpointer.save(self.step, self.raw_model, self.optimizer, self.scaler, state, self.best_step)
 
-    def _resume(self) -> None:
-        ckpt = self.checkpointer.latest()
+    def _weights_finite(self) -> bool:
+        """Every weight finite, on every rank (each checks its own shard under FSDP)."""
+        bad = torch.zeros((), device=self.runtime.device)
+        with torch.no_grad():
+            for param in self.raw_model.parameters():
+                local = param.to_local() if hasattr(param, "to_local") else param
+                bad += (~torch.isfinite(local)).any()
+        return all_reduce(bad, "max").item() == 0
+
+    def _resume(self, path: str | Path | None) -> None:
+        """Continue from checkpoint `path` (None: the run's latest)."""
+        ckpt = self.checkpointer.find(path)
         if ckpt.state["tokens_per_step"] != self.tokens_per_step:
             raise ValueError(
                 f"{ckpt.path} was trained with {ckpt.state['tokens_per_step']} tokens per step, this run has "
