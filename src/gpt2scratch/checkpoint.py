@@ -167,10 +167,15 @@ def load_model_state(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         state = load_file(str(file))
     except (SafetensorError, OSError, RuntimeError) as error:
-        raise CheckpointError(f"{file} is truncated or corrupt ({error})") from None
+        raise CheckpointError(f"{file} is truncated or corrupt ({_first_line(error)})") from None
     if "lm_head.weight" not in state and "transformer.wte.weight" in state:
         state["lm_head.weight"] = state["transformer.wte.weight"]
     return state
+
+
+def _first_line(error: Exception) -> str:
+    """Library errors can run to a page (torch.load's does): the first line says what happened."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def load_tensors(path: str | Path, name: str):
@@ -181,7 +186,7 @@ def load_tensors(path: str | Path, name: str):
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for a damaged zip/pickle
-        raise CheckpointError(f"{file} is truncated or corrupt ({error})") from None
+        raise CheckpointError(f"{file} is truncated or corrupt ({_first_line(error)})") from None
 
 
 def prune(ckpt_root: str | Path, keep_last: int, keep: set[int]) -> None:
