@@ -42,7 +42,8 @@ def test_precedence_defaults_preset_file_overrides(tmp_path, suffix):
     assert config.model.emb_dim == 96  # file beats preset
     assert config.model.n_heads == 4  # preset beats default
     assert config.training.max_lr == 1.0 and isinstance(config.training.max_lr, float)
-    assert config.training.max_steps == 19073  # default
+    assert config.training.max_steps == 2000  # the preset's schedule (issue 12: small presets carry their own)
+    assert config.training.weight_decay == 0.1  # default
 
 
 def test_round_trip_through_dict():

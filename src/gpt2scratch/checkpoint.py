@@ -144,9 +144,21 @@ def read_state(path: str | Path) -> Checkpoint:
     if not state_file.is_file():
         raise CheckpointError(f"{path} is not a checkpoint (no state.json)")
     try:
-        return Checkpoint(path, json.loads(state_file.read_text(encoding="utf-8")))
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"{state_file} is corrupt ({error})") from None
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as error:
+        raise CheckpointError(f"{state_file} is corrupt ({error or 'nested too deeply'})") from None
+    expect_fields(state, {"step": int, "config": dict}, state_file)
+    return Checkpoint(path, state)
+
+
+def expect_fields(state, fields: dict[str, type | tuple[type, ...]], source: Path) -> None:
+    """Each field present with its type (a hand-edited or damaged file says so here, not with a KeyError later)."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{source} is not a JSON object")
+    for name, kind in fields.items():
+        value = state.get(name)
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+            raise CheckpointError(f"{source}: field '{name}' is missing or of the wrong type ({type(value).__name__})")
 
 
 def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -157,6 +169,39 @@ def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         del state["lm_head.weight"]
     # A copy with storage of its own: what FSDP's full state dict returns may not expose its storage.
     return {key: value.detach().to("cpu", copy=True).contiguous() for key, value in state.items()}
+
+
+def safetensors_shapes(file: str | Path) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape, from the file's header alone (nothing is allocated)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as reader:
+            return {key: tuple(reader.get_slice(key).get_shape()) for key in reader.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, RuntimeError, ValueError) as error:
+        raise CheckpointError(f"{file} is truncated or corrupt ({_first_line(error)})") from None
+
+
+def check_config_fits(config, shapes: dict[str, tuple[int, ...]], source: Path) -> None:
+    """The config describes the weights (vocabulary, width, context, depth), so that building the model allocates
+    what the weights file holds and no more: a config.json that says 200,000 layers next to weights of 2 is
+    refused before anything is built."""
+    layers = {
+        int(key.split(".")[2]) for key in shapes if key.startswith("transformer.h.") and key.split(".")[2].isdigit()
+    }
+    found = {
+        "vocab_size": shapes.get("transformer.wte.weight", (None, None))[0],
+        "emb_dim": shapes.get("transformer.wte.weight", (None, None))[-1],
+        "context_length": shapes.get("transformer.wpe.weight", (None, None))[0],
+        "n_layers": len(layers),
+    }
+    wrong = [
+        f"{name} {getattr(config, name)} (the weights: {value})"
+        for name, value in found.items()
+        if getattr(config, name) != value
+    ]
+    if wrong:
+        raise CheckpointError(f"{source}: the config does not describe its weights: {', '.join(wrong)}")
 
 
 def load_model_state(path: str | Path) -> dict[str, torch.Tensor]:
@@ -252,7 +297,10 @@ class Checkpointer:
             if path is None:
                 raise ValueError(f"--resume: no checkpoint in {self.root}; start without --resume")
         try:
-            return read_state(path)
+            ckpt = read_state(path)
+            resumed = {"tokens_per_step": int, "loader": dict, "history": list, "best_step": (int, type(None))}
+            expect_fields(ckpt.state, resumed, ckpt.path / "state.json")
+            return ckpt
         except CheckpointError as error:
             raise self._with_earlier(error, Path(path)) from None
 

@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from typing import Any
 
@@ -370,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `gpt2scratch COMMAND --help` for the options of a command.",
     )
     parser.add_argument("--version", action="version", version=f"gpt2scratch {__version__}")
+    parser.add_argument(
+        "--debug", action="store_true", help="print the traceback of an error (or set GPT2SCRATCH_DEBUG=1)"
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     info = commands.add_parser(
@@ -498,6 +502,8 @@ Several GPUs: torchrun --nproc_per_node=N -m gpt2scratch eval ... splits the exa
     )
     add_fields(ev, EvalOptions, OPTIONS)
     ev.set_defaults(run=cmd_eval)
+    for command in commands.choices.values():  # --debug after the command works too
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
@@ -511,13 +517,25 @@ def _is_user_facing(error: Exception) -> bool:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    debug = args.debug or os.environ.get("GPT2SCRATCH_DEBUG", "") not in ("", "0")
     try:
         return args.run(args)
     except Exception as error:
-        if not _is_user_facing(error):
+        if debug:
             raise
-        print(f"gpt2scratch {args.command}: error: {error}", file=sys.stderr)
+        if _is_user_facing(error):
+            print(f"gpt2scratch {args.command}: error: {_one_line(error)}", file=sys.stderr)
+        else:  # ours: say so, and how to see where
+            print(
+                f"gpt2scratch {args.command}: error: {type(error).__name__}: {_one_line(error)} (this is a bug in "
+                "gpt2scratch; rerun with --debug for the traceback, and report it)",
+                file=sys.stderr,
+            )
         return 1
     except KeyboardInterrupt:
         print(f"gpt2scratch {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split()) or type(error).__name__

@@ -344,8 +344,9 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
             return tomllib.loads(text)
         if path.suffix == ".json":
             return json.loads(text)
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"config file {path} is not valid {path.suffix[1:].upper()}: {error}") from None
+    except (tomllib.TOMLDecodeError, ValueError, RecursionError) as error:
+        reason = "nested too deeply" if isinstance(error, RecursionError) else error
+        raise ValueError(f"config file {path} is not valid {path.suffix[1:].upper()}: {reason}") from None
     raise ValueError(f"config file {path} must end in .json or .toml")
 
 

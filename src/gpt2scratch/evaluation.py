@@ -72,18 +72,41 @@ def hellaswag_examples(path: str | Path, limit: int | None = None) -> list[Hella
     """The official hellaswag_val.jsonl format: ctx, endings (4), label."""
     examples = []
     for record in read_jsonl(path, ("ctx", "endings", "label")):
-        if len(record["endings"]) != 4 or not 0 <= int(record["label"]) < 4:
-            raise EvalDataError(f"{path}: example {len(examples) + 1} needs 4 endings and a label in 0..3")
-        examples.append(HellaSwagExample(record["ctx"], list(record["endings"]), int(record["label"])))
+        endings, label = record["endings"], record["label"]
+        if (
+            not isinstance(record["ctx"], str)
+            or not isinstance(endings, list)
+            or len(endings) != 4
+            or not all(isinstance(ending, str) for ending in endings)
+            or not _label(label)
+        ):
+            raise EvalDataError(
+                f"{path}: example {len(examples) + 1} needs ctx (text), endings (a list of 4 texts) and label "
+                f"(0..3); it has ctx {_kind(record['ctx'])}, endings {_kind(endings)}, label {label!r}"
+            )
+        examples.append(HellaSwagExample(record["ctx"], endings, int(label)))
         if limit and len(examples) == limit:
             break
     return examples
+
+
+def _label(value) -> bool:
+    """0..3, as an integer or its text (the official file has "0".."3")."""
+    return not isinstance(value, bool) and isinstance(value, int | str) and str(value) in ("0", "1", "2", "3")
+
+
+def _kind(value) -> str:
+    return f"{type(value).__name__} of {len(value)}" if isinstance(value, list | str) else type(value).__name__
 
 
 def lambada_examples(path: str | Path, limit: int | None = None) -> list[tuple[str, str]]:
     """OpenAI's lambada_test.jsonl: {"text": passage}; the target is the last word, with its space."""
     examples = []
     for record in read_jsonl(path, ("text",)):
+        if not isinstance(record["text"], str):
+            raise EvalDataError(
+                f"{path}: example {len(examples) + 1} has a text of type {type(record['text']).__name__}"
+            )
         text = record["text"].rstrip()
         cut = text.rfind(" ")
         if cut <= 0:

@@ -84,8 +84,7 @@ def from_hf_state_dict(hf_state: dict[str, torch.Tensor], config: GPTConfig) -> 
     for key, value in hf_state.items():
         if key.endswith(HF_BUFFERS):
             continue
-        if not key.startswith(("transformer.", "lm_head.")):
-            key = "transformer." + key
+        key = _our_name(key)
         if key.endswith(TRANSPOSED):
             value = value.t()
         out[key] = value.contiguous()
@@ -199,29 +198,66 @@ def load_folder(path: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
     torch.load(weights_only=True) for an old pytorch_model.bin: nothing in the folder is executed."""
     from safetensors.torch import load_file
 
+    from gpt2scratch.checkpoint import check_config_fits, safetensors_shapes
+    from gpt2scratch.dataset.shards import inside
+
     path = Path(path)
-    try:
-        hf_config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path / 'config.json'} cannot be read ({error})") from None
+    hf_config = _read_json(path / "config.json")
     if hf_config.get("model_type", "gpt2") != "gpt2":
         raise ValueError(f"{path} holds a {hf_config.get('model_type')!r} model; only GPT-2 models can be loaded")
-    config = config_from_hf(hf_config)
-    ours = hf_config.get("gpt2scratch", {})
-    if "qkv_bias" in ours:
-        config = GPTConfig(**{**config.__dict__, "qkv_bias": bool(ours["qkv_bias"])})
+    try:
+        config = config_from_hf(hf_config)
+        ours = hf_config.get("gpt2scratch", {})
+        if isinstance(ours, dict) and "qkv_bias" in ours:
+            config = GPTConfig(**{**config.__dict__, "qkv_bias": bool(ours["qkv_bias"])})
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{path / 'config.json'}: {error}") from None
     if (path / "model.safetensors").is_file():
-        hf_state = load_file(str(path / "model.safetensors"))
+        files = [path / "model.safetensors"]
     elif (path / "model.safetensors.index.json").is_file():
-        index = json.loads((path / "model.safetensors.index.json").read_text(encoding="utf-8"))
-        hf_state = {}
-        for shard in sorted(set(index["weight_map"].values())):
-            hf_state.update(load_file(str(path / shard)))
+        index_file = path / "model.safetensors.index.json"
+        weight_map = _read_json(index_file).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
+            raise ValueError(f"{index_file} has no weight_map of tensor names to file names")
+        files = [inside(path, name, index_file) for name in sorted(set(weight_map.values()))]
     elif (path / "pytorch_model.bin").is_file():
-        hf_state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        files = [path / "pytorch_model.bin"]
     else:
         raise ValueError(f"{path} has no model.safetensors or pytorch_model.bin")
+    if files[0].suffix == ".safetensors":  # check the shapes in the headers before reading any tensor
+        shapes = {_our_name(key): shape for file in files for key, shape in safetensors_shapes(file).items()}
+        check_config_fits(config, shapes, path)
+        hf_state = {}
+        for file in files:
+            try:
+                hf_state.update(load_file(str(file)))
+            except Exception as error:  # SafetensorError and friends: a damaged file
+                raise ValueError(f"{file} is truncated or corrupt ({str(error).splitlines()[0]})") from None
+    else:
+        try:
+            hf_state = torch.load(files[0], map_location="cpu", weights_only=True)
+        except Exception as error:  # never unpickles code: weights_only refuses it
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise ValueError(f"{files[0]} cannot be read as weights ({first})") from None
+        if not isinstance(hf_state, dict) or not all(isinstance(v, torch.Tensor) for v in hf_state.values()):
+            raise ValueError(f"{files[0]} does not hold a state dict of tensors")
+        check_config_fits(config, {_our_name(k): tuple(v.shape) for k, v in hf_state.items()}, path)
     return config, from_hf_state_dict({k: v.float() for k, v in hf_state.items()}, config)
+
+
+def _our_name(key: str) -> str:
+    """A Hugging Face GPT-2 key with our prefix (base-model checkpoints store `h.0...` without `transformer.`)."""
+    return key if key.startswith(("transformer.", "lm_head.")) else "transformer." + key
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as error:
+        raise ValueError(f"{file} cannot be read ({error or 'nested too deeply'})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file} is not a JSON object")
+    return data
 
 
 HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "vocab.json", "merges.txt", "*.txt"]

@@ -52,7 +52,14 @@ def load(path_or_name: str, device: str | torch.device = "cpu") -> LoadedModel:
     source = resolve(path_or_name)
     if (source / "state.json").is_file():
         state = checkpoint.read_state(source).state
-        config = Config.from_dict(state["config"])
+        try:
+            config = Config.from_dict(state["config"])
+        except ValueError as error:
+            raise ValueError(f"{source / 'state.json'}: {error}") from None
+        shapes = checkpoint.safetensors_shapes(source / "model.safetensors")
+        if "lm_head.weight" not in shapes:  # a tied head is stored once
+            shapes["lm_head.weight"] = shapes.get("transformer.wte.weight", ())
+        checkpoint.check_config_fits(config.model, shapes, source)
         weights = checkpoint.load_model_state(source)
         tokenizer_dir = source / "tokenizer"
         if not (tokenizer_dir / "vocab.json").is_file():  # checkpoints of before tokenizer/ was saved in them

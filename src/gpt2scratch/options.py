@@ -175,6 +175,10 @@ class ServeOptions:
             self.api_key = os.environ.get("GPT2SCRATCH_API_KEY") or None
         for name in ("port", "max_batch_size", "max_queue", "threads"):
             require_int(self, name)
+        if not 0 < self.port < 2**16:
+            raise ValueError(f"port ({self.port}) must be in [1, 65535]")
+        if self.threads < 0:
+            raise ValueError(f"threads ({self.threads}) must be >= 0 (0 = torch's choice)")
         if self.max_batch_size < 1 or self.max_queue < 1:
             raise ValueError(f"max_batch_size ({self.max_batch_size}) and max_queue ({self.max_queue}) must be >= 1")
 

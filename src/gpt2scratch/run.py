@@ -25,7 +25,7 @@ from gpt2scratch.dataset.data_module import DataModule, prepare
 from gpt2scratch.dataset.shards import MANIFEST, read_manifest
 from gpt2scratch.metrics import METRICS_FILE, PLOT_FILE
 from gpt2scratch.options import LATEST, PrepareOptions, TrainOptions
-from gpt2scratch.runtime import barrier, close_distributed, pick_device, setup_runtime
+from gpt2scratch.runtime import available_memory, barrier, close_distributed, pick_device, setup_runtime
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,7 @@ def train(
             _check_same_tokenizer(init.tokenizer_dir, data.tokenizer_dir(), options.init_from, config.data.dir)
         if runtime.is_main and not options.resume:
             (run_dir / METRICS_FILE).unlink(missing_ok=True)
+        _check_fits_in_memory(config, runtime)
         init_weights = init.model.state_dict() if init is not None else None
         resume = (resume_from or True) if options.resume else False
         trainer = Trainer(config, run_dir, runtime, data, resume=resume, init_weights=init_weights)
@@ -134,6 +135,22 @@ def _run_dir(config_file: str | Path | None, overrides: dict) -> Path:
     return Path(
         overrides.get("training", {}).get("save_path") or from_file.get("save_path") or TrainingConfig.save_path
     )
+
+
+def _check_fits_in_memory(config: Config, runtime) -> None:
+    """Refuse, before building it, a model whose weights, gradients and AdamW state alone exceed the free memory
+    (a config file that says n_layers 200000 would otherwise allocate until the machine gives out)."""
+    from gpt2scratch.estimates import n_params
+
+    available = available_memory(runtime.device)
+    params = n_params(config.model)
+    need = 16 * params // (runtime.world_size if config.training.fsdp else 1)  # fp32 weights, grads, 2 moments
+    if available is not None and need > available:
+        raise ValueError(
+            f"the model has {params:,} parameters: its weights, gradients and AdamW state need "
+            f"{need / 2**30:,.1f} GiB, more than the {available / 2**30:,.1f} GiB free on {runtime.device}; "
+            "choose a smaller model (`gpt2scratch info` shows the sizes)"
+        )
 
 
 def _preset(preset: str | None, options: TrainOptions, overrides: dict) -> str | None:

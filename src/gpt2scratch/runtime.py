@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +70,20 @@ class Runtime:
         return None if peak is None else peak * self.world_size
 
 
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for a model on `device` (GPU memory, or the machine's available RAM); None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            meminfo = Path("/proc/meminfo").read_text()
+        except OSError:
+            return None
+        line = next((line for line in meminfo.splitlines() if line.startswith("MemAvailable:")), None)
+        return int(line.split()[1]) * 1024 if line else None
+    return None
+
+
 def torchrun_ranks() -> tuple[int, int, int]:
     """(rank, local_rank, world_size) from torchrun's environment; (0, 0, 1) in a plain process."""
     return (
@@ -103,6 +118,8 @@ def barrier() -> None:
 
 def pick_device(requested: str, local_rank: int = 0) -> tuple[torch.device, str]:
     """The device to run on, and why."""
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(requested)):
+        raise ValueError(f"device {requested!r} is not one of auto, cpu, cuda, cuda:N, mps")
     if requested != "auto":
         device = torch.device(requested)
         if device.type == "cuda" and not torch.cuda.is_available():

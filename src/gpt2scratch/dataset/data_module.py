@@ -15,6 +15,7 @@ killed run leaves nothing that a later run (or the trainer) takes for complete.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -63,9 +64,25 @@ def _encode(tokenizer: Tokenizer, pieces: list[str]) -> list[np.ndarray]:
 _worker_tokenizer: Tokenizer | None = None  # set in each pool worker by _init_worker
 
 
-def _init_worker(tokenizer_dir: str) -> None:
+def _init_worker(tokenizer_dir: str, parent: int) -> None:
     global _worker_tokenizer
+    _die_with(parent)
     _worker_tokenizer = Tokenizer(tokenizer_dir)
+
+
+def _die_with(parent: int) -> None:
+    """Linux: this worker gets SIGKILL when its parent dies, even by kill -9 (else it would keep running)."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux
+        return
+    if os.getppid() != parent:  # the parent died before the line above: too late for the signal
+        os._exit(1)
 
 
 def _encode_in_worker(pieces: list[str]) -> list[np.ndarray]:
@@ -96,25 +113,63 @@ def prepare(inputs: list[str], out_dir: str | Path, options: PrepareOptions | No
         "sources": [source.describe(options) for source in sources],
         **{f.name: getattr(options, f.name) for f in dataclasses.fields(options) if f.metadata.get("manifest")},
     }
-    existing = existing_manifest(out_dir)
-    if existing is not None and existing.get("request") == request and existing.get("format_version") == FORMAT_VERSION:
-        log.info(f"{out_dir} is up to date with these inputs and settings; reusing it")
-        return PrepareResult(out_dir, existing, True, time.perf_counter() - started)
-    if existing is not None:
-        log.info(f"{out_dir} was prepared from other inputs or settings; rebuilding it")
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(".partial-*"):  # left by a run that was killed
-        shutil.rmtree(stale, ignore_errors=True)
-    work = out_dir / f".partial-{os.getpid()}"
-    work.mkdir()
-    try:
-        manifest = _prepare_into(work, sources, options, request)
-        manifest["package_version"] = __version__
-        _publish(work, out_dir, manifest)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(out_dir):  # one `prepare` at a time per folder; a second waits, then likely reuses
+        _recover(out_dir)
+        existing = existing_manifest(out_dir)
+        if existing and existing.get("request") == request and existing.get("format_version") == FORMAT_VERSION:
+            log.info(f"{out_dir} is up to date with these inputs and settings; reusing it")
+            return PrepareResult(out_dir, existing, True, time.perf_counter() - started)
+        if existing is not None:
+            log.info(f"{out_dir} was prepared from other inputs or settings; rebuilding it")
+        work = _sibling(out_dir, f"partial-{os.getpid()}")
+        work.mkdir()
+        try:
+            manifest = _prepare_into(work, sources, options, request)
+            manifest["package_version"] = __version__
+            write_manifest(work, manifest)  # the new preparation is complete, beside the old one
+            _publish(work, out_dir, manifest)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     return PrepareResult(out_dir, manifest, False, time.perf_counter() - started)
+
+
+def _sibling(out_dir: Path, what: str) -> Path:
+    """A hidden folder or file next to out_dir: `.NAME.what`."""
+    out_dir = out_dir.resolve()
+    return out_dir.parent / f".{out_dir.name}.{what}"
+
+
+def _siblings(out_dir: Path, pattern: str) -> list[Path]:
+    pattern = _sibling(out_dir, pattern)
+    return sorted(pattern.parent.glob(pattern.name))
+
+
+@contextlib.contextmanager
+def _exclusive(out_dir: Path):
+    """An exclusive lock on out_dir (a lock file beside it, released when the process ends, however it ends)."""
+    import fcntl
+
+    with open(_sibling(out_dir, "lock"), "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info(f"another `gpt2scratch prepare` is writing {out_dir}; waiting for it to finish")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _recover(out_dir: Path) -> None:
+    """Tidy up after a run that was killed: put back a preparation moved aside by a publish that did not finish,
+    and remove partial work."""
+    olds = _siblings(out_dir, "old-*")
+    if olds and not (out_dir / MANIFEST).is_file() and (olds[-1] / MANIFEST).is_file():
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(olds[-1], out_dir)
+        log.info(f"restored the earlier preparation of {out_dir}, which an interrupted run had moved aside")
+    stale = [*_siblings(out_dir, "partial-*"), *_siblings(out_dir, "old-*")]
+    for path in [*stale, *out_dir.glob(".partial-*")]:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _prepare_into(work: Path, sources: list[Source], options: PrepareOptions, request: dict) -> dict:
@@ -185,7 +240,9 @@ def _prepare_into(work: Path, sources: list[Source], options: PrepareOptions, re
             for batch in tasks():
                 consume(batch, _encode(tokenizer, [text for _, text, _ in batch]))
         else:
-            with ProcessPoolExecutor(options.workers, initializer=_init_worker, initargs=(str(tokenizer_dir),)) as pool:
+            with ProcessPoolExecutor(
+                options.workers, initializer=_init_worker, initargs=(str(tokenizer_dir), os.getpid())
+            ) as pool:
                 pending: deque = deque()
                 for batch in tasks():
                     pending.append((batch, pool.submit(_encode_in_worker, [text for _, text, _ in batch])))
@@ -244,7 +301,12 @@ def _rebalance(full: ShardWriter, empty: ShardWriter, options: PrepareOptions, t
 
 
 def _publish(work: Path, out_dir: Path, manifest: dict) -> None:
-    """Move the finished files into `out_dir`, replacing an older preparation; the manifest goes last."""
+    """Put the finished preparation in `work` in place of `out_dir`'s. A folder that holds only a preparation is
+    exchanged with `work` in one step (readers see the old preparation or the new one, and a kill loses neither);
+    a folder that also holds other files gets the new files moved in, manifest last."""
+    if not out_dir.exists() or _only_a_preparation(out_dir):
+        _exchange(work, out_dir)
+        return
     old = existing_manifest(out_dir)
     (out_dir / MANIFEST).unlink(missing_ok=True)  # from here on, the folder is not a finished preparation
     if old is not None:
@@ -258,6 +320,42 @@ def _publish(work: Path, out_dir: Path, manifest: dict) -> None:
         shutil.rmtree(out_dir / "tokenizer")
     os.replace(work / "tokenizer", out_dir / "tokenizer")
     write_manifest(out_dir, manifest)
+
+
+def _only_a_preparation(out_dir: Path) -> bool:
+    """Whether out_dir holds nothing but what `prepare` writes (so that the whole folder may be replaced)."""
+    old = existing_manifest(out_dir) or {}
+    splits = old.get("splits") if isinstance(old.get("splits"), dict) else {}
+    ours = {MANIFEST, f"{MANIFEST}.tmp", "tokenizer"}
+    ours |= {name for info in splits.values() if isinstance(info, dict) for name in info.get("shards", [])}
+    return all(path.name in ours or path.name.startswith(".partial-") for path in out_dir.iterdir())
+
+
+def _exchange(new: Path, out_dir: Path) -> None:
+    """Swap the folders `new` and `out_dir` (renameat2 RENAME_EXCHANGE: atomic on Linux); `new` then holds the
+    old preparation. Elsewhere: two renames, the old one kept aside until the new one is in (see _recover)."""
+    if not out_dir.exists():
+        os.replace(new, out_dir)
+        return
+    if _rename_exchange(new, out_dir):
+        return
+    aside = _sibling(out_dir, f"old-{os.getpid()}")
+    os.replace(out_dir, aside)
+    os.replace(new, out_dir)
+    os.replace(aside, new)
+
+
+def _rename_exchange(first: Path, second: Path) -> bool:
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):  # not glibc >= 2.28
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange) == 0
 
 
 def _progress(total: int | None, enabled: bool):

@@ -121,9 +121,13 @@ class TrainLoader:
         return {"epoch": self.state.epoch, "position": self.state.position, "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["seed"] != self.seed:
-            raise ValueError(f"loader state was saved with seed {state['seed']}, this loader has seed {self.seed}")
-        self.state = LoaderState(epoch=int(state["epoch"]), position=int(state["position"]))
+        try:
+            seed, epoch, position = state["seed"], int(state["epoch"]), int(state["position"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"loader state {state!r} is not {{epoch, position, seed}}") from None
+        if seed != self.seed:
+            raise ValueError(f"loader state was saved with seed {seed}, this loader has seed {self.seed}")
+        self.state = LoaderState(epoch=epoch, position=position)
 
 
 def val_batches(

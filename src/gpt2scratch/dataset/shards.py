@@ -141,9 +141,42 @@ def read_manifest(data_dir: str | Path) -> dict:
             f"run `gpt2scratch prepare --out {data_dir}`"
         )
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as error:
         raise DataError(f"{path} is not valid JSON ({error}); re-run `gpt2scratch prepare`") from None
+    _check_manifest(manifest, path)
+    return manifest
+
+
+def _check_manifest(manifest, path: Path) -> None:
+    """The fields readers use, with their types, and every file it names inside its folder: a hand-edited or
+    damaged manifest is one clear error here, not a KeyError later."""
+
+    def expect(value, kind: type, where: str):
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise DataError(f"{path}: {where} is missing or not {kind.__name__}; re-run `gpt2scratch prepare`")
+        return value
+
+    expect(manifest, dict, "the manifest")
+    tokenizer = expect(manifest.get("tokenizer"), dict, "tokenizer")
+    expect(tokenizer.get("name"), str, "tokenizer.name")
+    expect(tokenizer.get("vocab_size"), int, "tokenizer.vocab_size")
+    inside(path.parent, expect(tokenizer.get("path"), str, "tokenizer.path"), path)
+    splits = expect(manifest.get("splits"), dict, "splits")
+    for split in SPLITS:
+        info = expect(splits.get(split), dict, f"splits.{split}")
+        for key in ("tokens", "bytes"):
+            expect(info.get(key), int, f"splits.{split}.{key}")
+        for name in expect(info.get("shards"), list, f"splits.{split}.shards"):
+            inside(path.parent, expect(name, str, f"a shard name of splits.{split}"), path)
+
+
+def inside(folder: Path, name: str, named_by: Path) -> Path:
+    """folder / name, where `name` comes from the file `named_by`: it must not lead out of the folder."""
+    target = (folder / name).resolve()
+    if not target.is_relative_to(folder.resolve()):
+        raise DataError(f"{named_by} names {name!r}, which is outside {folder}; a file here names only its own folder")
+    return target
 
 
 def existing_manifest(data_dir: str | Path) -> dict | None:

@@ -19,6 +19,7 @@ import hashlib
 import json
 import re
 import tarfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,16 +110,21 @@ def iter_jsonl(path: str | Path, error: type[Exception] = DataError) -> Iterator
     """(line number, parsed record, bytes of the line) for each non-blank line of a .jsonl or .jsonl.gz file;
     a line that is not JSON raises `error` naming the file and line."""
     opener = gzip.open if str(path).endswith(".gz") else open
+    line_number = 0
     with opener(path, "rb") as file:
-        for line_number, line in enumerate(file, start=1):
-            if not line.strip():
-                yield line_number, None, len(line)
-                continue
-            try:
-                record = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError) as problem:
-                raise error(f"{path}:{line_number} is not valid JSON ({problem})") from None
-            yield line_number, record, len(line)
+        try:
+            for line_number, line in enumerate(file, start=1):  # noqa: B007 (the number is reported below)
+                if not line.strip():
+                    yield line_number, None, len(line)
+                    continue
+                try:
+                    record = json.loads(line)
+                except (ValueError, RecursionError) as problem:  # also: bad UTF-8, nesting too deep
+                    reason = "nested too deeply" if isinstance(problem, RecursionError) else problem
+                    raise error(f"{path}:{line_number} is not valid JSON ({reason})") from None
+                yield line_number, record, len(line)
+        except (EOFError, gzip.BadGzipFile, zlib.error) as problem:
+            raise error(f"{path} is truncated or not gzip (after {line_number} lines: {problem})") from None
 
 
 class Reader:
