@@ -80,12 +80,14 @@ def test_hellaswag_equals_an_independent_scoring_with_transformers(exported, fil
     ours = evaluation.evaluate_hellaswag(
         model, Tokenizer.gpt2(), evaluation.hellaswag_examples(files / "hellaswag.jsonl")
     )
-    correct = correct_norm = 0
+    correct = correct_norm = correct_chars = 0
     for record in HELLASWAG:
         scores = [transformers_continuation_losses(folder, record["ctx"], " " + e) for e in record["endings"]]
         correct += min(range(4), key=lambda j: scores[j][0]) == record["label"]
         correct_norm += min(range(4), key=lambda j: scores[j][0] / scores[j][1]) == record["label"]
-    assert ours == {"task": "hellaswag", "acc": correct / 5, "acc_norm": correct_norm / 5, "examples": 5}
+        correct_chars += min(range(4), key=lambda j: scores[j][0] / len(record["endings"][j])) == record["label"]
+    expected = {"acc": correct / 5, "acc_norm": correct_norm / 5, "acc_norm_chars": correct_chars / 5}
+    assert ours == {"task": "hellaswag", **expected, "examples": 5}
 
 
 def test_lambada_equals_an_independent_scoring_with_transformers(exported, files):
@@ -184,3 +186,20 @@ def test_torchrun_eval_equals_one_process(exported, files):
     a, b = json.loads(one.stdout)["results"], json.loads(two.stdout)["results"]
     assert [r["acc"] for r in a] == [r["acc"] for r in b] and a[0]["acc_norm"] == b[0]["acc_norm"]
     assert a[1]["ppl"] == pytest.approx(b[1]["ppl"], rel=1e-6) and a[1]["examples"] == b[1]["examples"] == 4
+
+
+def test_continuation_scores_equal_a_float64_scoring_of_the_same_logits():
+    """The scorer is as precise as the model: each token's loss within 1e-5 nats of log-softmax in float64 over
+    the same logits (at GPT-2's vocabulary and realistic logit scales, a (B, V, T) cross-entropy misses this)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(context_length=64, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.0)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)  # logits with a standard deviation of about 2, as a trained model's
+    sequences = torch.randint(0, 50257, (4, 64))
+    pairs = [(seq[:t].tolist(), [seq[t].item()]) for seq in sequences for t in range(1, 64)]  # one token each
+    scores = evaluation.score_continuations(model, pairs, batch_size=32)
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(sequences)[0].double(), dim=-1)  # (4, 64, V) in float64
+    reference = [-logprobs[i, t - 1, sequences[i, t]].item() for i in range(4) for t in range(1, 64)]
+    errors = [abs(score.loss_sum - ref) for score, ref in zip(scores, reference, strict=True)]
+    assert max(errors) <= 1e-5, max(errors)

@@ -131,7 +131,11 @@ def test_seed_snippet_runs_verbatim_on_an_export(tmp_path, qkv_bias, tied):
     assert hf_config["n_positions"] == 64 and hf_config["activation_function"] == "gelu_new"
     assert hf_config["tie_word_embeddings"] is tied
     generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
-    assert generation["top_k"] == 50 and generation["max_new_tokens"] == 50 and generation["do_sample"] is True
+    assert generation["top_k"] == 50 and generation["do_sample"] is True
+    assert "max_new_tokens" not in generation and "max_length" not in generation  # the caller's length wins
+    with torch.no_grad():
+        assert hf.generate(ids, max_length=50).shape[1] <= 50  # the seed's snippet: 50 tokens in all
+        assert hf.generate(ids, max_new_tokens=7, min_new_tokens=7).shape[1] == ids.shape[1] + 7
     back = loading.load(str(tmp_path / "hf"))
     assert back.config.model == config  # qkv_bias and tying survive the round trip
 

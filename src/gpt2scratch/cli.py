@@ -490,7 +490,8 @@ server answers 429 (retry later). It listens on 127.0.0.1 unless --host says oth
 
   val        loss, perplexity and bits per byte over the whole val split of --data-dir (default: the data
              the model was trained on)
-  hellaswag  zero-shot, as build-nanogpt/llm.c: acc and length-normalised acc_norm (official
+  hellaswag  zero-shot: acc, acc_norm (per token, as build-nanogpt/llm.c) and acc_norm_chars (per
+             character, as lm-evaluation-harness) (official
              hellaswag_val.jsonl format)
   lambada    last-word accuracy and perplexity on OpenAI's LAMBADA test set (lambada_test.jsonl, {"text"})
 

@@ -153,10 +153,11 @@ def export_folder(
     _write_json(out_dir / "config.json", hf_config)
     tensors = {k: v.float() for k, v in to_hf_state_dict(model_state, config).items()}
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    # No length here: transformers lets a generation_config's max_new_tokens override a caller's max_length, and
+    # the seed's snippet asks for max_length=50 in all. Sampling defaults do not override explicit arguments.
     generation = {
         "do_sample": True,
         "top_k": sampling.top_k,
-        "max_new_tokens": sampling.max_new_tokens,
         "temperature": sampling.temperature if sampling.temperature > 0 else 1.0,
         "bos_token_id": eot,
         "eos_token_id": eot,
