@@ -123,6 +123,45 @@ def create_app(engine: Engine, limits: Limits, api_key: str | None = None) -> Fa
             raise APIError(404, f"The model '{model_id}' does not exist", "model", code="model_not_found")
         return model_card()
 
+    # Tokenizer endpoints at the root, as vLLM has them (lm-evaluation-harness's tokenizer_backend=remote uses them)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(request: Request) -> dict:
+        authorize(request)
+        eot = engine.tokenizer.decode([engine.tokenizer.eot_id])
+        return {
+            "tokenizer_class": "GPT2Tokenizer",
+            "eos_token": eot,
+            "bos_token": eot,
+            "unk_token": eot,
+            "pad_token": None,
+            "add_bos_token": False,
+            "add_prefix_space": False,
+            "model_max_length": limits.context_length,
+            "vocab_size": limits.vocab_size,
+        }
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict:
+        authorize(request)
+        body = await run_in_threadpool(protocol.parse_json, await _read_body(request))
+        prompt = body.get("prompt") if isinstance(body, dict) else None
+        if not isinstance(prompt, str):
+            raise APIError(400, f"{protocol.short(prompt)} is not of type 'string' - 'prompt'", "prompt")
+        if not isinstance(body.get("add_special_tokens", False), bool):  # GPT-2 adds none either way
+            raise APIError(400, "'add_special_tokens' must be true or false", "add_special_tokens")
+        tokens = await run_in_threadpool(engine.tokenizer.encode, prompt)
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": limits.context_length}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict:
+        authorize(request)
+        body = await run_in_threadpool(protocol.parse_json, await _read_body(request))
+        tokens = body.get("tokens") if isinstance(body, dict) else None
+        if not isinstance(tokens, list) or not all(protocol.is_token_id(t) and t < limits.vocab_size for t in tokens):
+            raise APIError(400, f"'tokens' must be a list of token ids below {limits.vocab_size}", "tokens")
+        return {"prompt": await run_in_threadpool(engine.tokenizer.decode, tokens)}
+
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         authorize(request)
@@ -137,14 +176,14 @@ def create_app(engine: Engine, limits: Limits, api_key: str | None = None) -> Fa
                 "n",
             )
         job = Job(completion, asyncio.get_running_loop())
-        if completion.max_tokens > 0:
+        if completion.max_tokens > 0 or completion.scores_prompt:
             try:
                 engine.submit(job)
             except QueueFull as error:
                 raise APIError(429, f"The server is busy: {error}. Retry shortly.", type="server_busy") from None
             except EngineStopped as error:
                 raise APIError(503, f"Service unavailable: {error}", type="server_error") from None
-        answer = _Answer(job, protocol.new_id(), protocol.now(), limits.model)
+        answer = _Answer(job, protocol.new_id(), protocol.now(), limits.model, engine.tokenizer)
         if completion.stream:
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
             return StreamingResponse(answer.stream(), media_type="text/event-stream", headers=headers)
@@ -172,17 +211,30 @@ async def _read_body(request: Request) -> bytes:
 class _Answer:
     """Collects one request's engine events into OpenAI's answer (whole, or as a stream of chunks)."""
 
-    def __init__(self, job: Job, request_id: str, created: int, model: str):
+    def __init__(self, job: Job, request_id: str, created: int, model: str, tokenizer):
         self.job, self.id, self.created, self.model = job, request_id, created, model
         request = job.request
         self.prompt_tokens = sum(map(len, request.prompts))  # once per prompt, whatever n is (as OpenAI)
         self.prefix = [request.prompt_texts[c // request.n] if request.echo else "" for c in range(request.n_choices)]
         self.completion_tokens = [0] * request.n_choices
+        # text offsets count from the start of the prompt, whether it is echoed or not
+        self.logprobs = None
+        if request.logprobs is not None:
+            starts = [
+                0 if request.echo else len(request.prompt_texts[c // request.n]) for c in range(request.n_choices)
+            ]
+            self.logprobs = [protocol.Logprobs(tokenizer, start) for start in starts]
+
+    def _logprobs_of(self, event: Event) -> dict | None:
+        """The event's tokens added to its choice's logprobs; returns them alone (for a stream chunk)."""
+        if self.logprobs is None or event.logprobs is None:
+            return None
+        return self.logprobs[event.choice].add(event.logprobs)
 
     async def events(self):
         """Each choice's events until all have finished (max_tokens 0: each finishes at once)."""
         request = self.job.request
-        if request.max_tokens == 0:
+        if request.max_tokens == 0 and not request.scores_prompt:
             for c in range(request.n_choices):
                 yield Event(c, "", "length", 0)
             return
@@ -215,6 +267,7 @@ class _Answer:
         try:
             async for event in self.events():
                 texts[event.choice] += event.text
+                self._logprobs_of(event)
                 if event.finish_reason:
                     finish[event.choice] = event.finish_reason
         finally:
@@ -222,7 +275,8 @@ class _Answer:
             self.job.cancel()  # no-op once every row has finished
         if gone.is_set():
             return None
-        choices = [protocol.choice(i, text, finish[i]) for i, text in enumerate(texts)]
+        logprobs = [None] * len(texts) if self.logprobs is None else [part.body() for part in self.logprobs]
+        choices = [protocol.choice(i, text, finish[i], logprobs[i]) for i, text in enumerate(texts)]
         return protocol.completion(
             self.id, self.created, self.model, choices, self.prompt_tokens, sum(self.completion_tokens)
         )
@@ -234,7 +288,7 @@ class _Answer:
                     yield protocol.chunk(self.id, self.created, self.model, [protocol.choice(i, text, None)])
             try:
                 async for event in self.events():
-                    piece = protocol.choice(event.choice, event.text, event.finish_reason)
+                    piece = protocol.choice(event.choice, event.text, event.finish_reason, self._logprobs_of(event))
                     yield protocol.chunk(self.id, self.created, self.model, [piece])
             except APIError as error:  # the status line is sent already: the error goes in the stream
                 yield f"data: {json.dumps(error.body())}\n\n"

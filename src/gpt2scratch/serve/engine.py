@@ -28,7 +28,7 @@ from gpt2scratch.generation import TextStream, left_pad, sample_rows
 from gpt2scratch.models.gpt import GPT
 from gpt2scratch.models.kv_cache import KVCache
 from gpt2scratch.options import ServeOptions
-from gpt2scratch.serve.protocol import CompletionRequest
+from gpt2scratch.serve.protocol import CompletionRequest, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,8 @@ class Event:
     text: str = ""
     finish_reason: str | None = None  # "stop" | "length" | "error" on a row's last event
     completion_tokens: int = 0
+    logprobs: list[TokenLogprob] | None = None  # the tokens since the last event, when the request asks
+    prompt: bool = False  # these logprobs are the prompt's (echo), not generated tokens'
 
 
 class Job:
@@ -88,6 +90,31 @@ class Stats:
     steps: int = 0
     batch_rows_total: int = 0  # sum over steps of the batch size: / steps = mean batch size
     started: float = field(default_factory=time.time)
+
+
+def logprob_entries(logits: torch.Tensor, tokens: list[int], k: int) -> list[TokenLogprob]:
+    """logits (N, V), each row predicting one of `tokens`: each token's log-probability and the k likeliest
+    tokens', from one log-softmax (so that "was this token the likeliest" compares equal values)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # (N, V)
+    index = torch.tensor(tokens, dtype=torch.long, device=logits.device)[:, None]
+    chosen = logprobs.gather(-1, index).squeeze(-1).tolist()
+    values, ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())
+    tops = [
+        dict(zip(row_ids, row_values, strict=True))
+        for row_ids, row_values in zip(ids.tolist(), values.tolist(), strict=True)
+    ]
+    return [TokenLogprob(token, value, top) for token, value, top in zip(tokens, chosen, tops, strict=True)]
+
+
+def prompt_logprobs(prompt: list[int], logits: torch.Tensor, k: int) -> list[TokenLogprob]:
+    """A prompt's own tokens scored by its logits (T, V): position t predicts token t + 1; nothing predicts the
+    first token, whose entry is None (as in OpenAI's and vLLM's answers)."""
+    return [TokenLogprob(prompt[0], None, None), *logprob_entries(logits[:-1], prompt[1:], k)]
+
+
+def trim(entry: TokenLogprob, k: int) -> TokenLogprob:
+    """The entry with its k likeliest alternatives only (a batch computes the most any row asked for)."""
+    return TokenLogprob(entry.token, entry.logprob, dict(list(entry.top.items())[:k]))
 
 
 class Engine:
@@ -214,16 +241,29 @@ class Engine:
                 new.append(self._pending.popleft())
         if not new:
             return
-        try:
-            self._prefill(new)
-        except Exception as error:  # the new rows fail; the running batch is untouched (its caches are joined last)
-            self._fail(new, error)
+        # A prompt to be scored (echo + logprobs) is processed alone, unpadded: its log-probabilities are then
+        # exactly those it gets when it is the only request. The others are processed together.
+        groups = [[row] for row in new if row.job.request.scores_prompt]
+        groups += [rows] if (rows := [row for row in new if not row.job.request.scores_prompt]) else []
+        for group in groups:
+            try:
+                self._prefill(group)
+            except Exception as error:  # these rows fail; the running batch is untouched (caches are joined last)
+                self._fail(group, error)
 
     def _prefill(self, new: list[Row]) -> None:
         ids, pad = left_pad([row.prompt for row in new], self.context, self.device)
         pad = pad if pad is not None else torch.zeros(len(new), dtype=torch.long, device=self.device)
         caches = self.model.new_kv_caches()
         logits, _ = self.model(ids, caches=caches, pad_lengths=pad if bool(pad.any()) else None)
+        if new[0].job.request.scores_prompt:  # a group of one (see _admit)
+            row = new[0]
+            entries = prompt_logprobs(row.prompt, logits[0], row.job.request.logprobs)
+            row.job.emit(Event(row.choice, logprobs=entries, prompt=True))
+            if row.job.request.max_tokens == 0:  # scoring only
+                row.job.emit(Event(row.choice, "", "length", 0))
+                self.stats.rows_finished += 1
+                return
         if not self._rows:
             self._rows, self._caches, self._pad, self._logits = new, caches, pad, logits[:, -1, :]
             return
@@ -239,6 +279,16 @@ class Engine:
         top_k = torch.tensor([r.top_k for r in settings], device=self.device)
         top_p = torch.tensor([r.top_p for r in settings], device=self.device)
         return sample_rows(logits, temperature, top_k, top_p, uniform).tolist()
+
+    def _token_logprobs(self, rows: list[Row], tokens: list[int | None]) -> dict[int, list[TokenLogprob]]:
+        """For the rows whose request asks for logprobs: the sampled token's entry, from the logits sampled from."""
+        wanted = [i for i, row in enumerate(rows) if row.job.request.logprobs is not None and tokens[i] is not None]
+        if not wanted:
+            return {}
+        k = max(rows[i].job.request.logprobs for i in wanted)
+        index = torch.tensor(wanted, device=self.device)
+        entries = logprob_entries(self._logits.index_select(0, index), [tokens[i] for i in wanted], k)
+        return {i: [trim(entry, rows[i].job.request.logprobs)] for i, entry in zip(wanted, entries, strict=True)}
 
     def _step(self) -> None:
         """Sample one token for every row, send the text, drop finished rows, run the next forward pass."""
@@ -260,6 +310,7 @@ class Engine:
 
         keep, next_ids = [], []
         eot = self.tokenizer.eot_id
+        scored = self._token_logprobs(rows, tokens)
         for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
             if row.job.cancelled:
                 continue
@@ -274,8 +325,8 @@ class Engine:
                     finish = "stop"
                 elif row.generated >= row.job.request.max_tokens:
                     text, finish = text + row.stream.finish(), "length"
-            if text or finish:
-                row.job.emit(Event(row.choice, text, finish, row.generated))
+            if text or finish or i in scored:  # (a token's logprobs go out even while its text is held back)
+                row.job.emit(Event(row.choice, text, finish, row.generated, scored.get(i)))
             if finish is None:
                 keep.append(i)
                 next_ids.append(token)

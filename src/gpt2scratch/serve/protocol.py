@@ -20,6 +20,7 @@ from gpt2scratch.config import Sampling
 MAX_N = 16  # completions per prompt
 MAX_PROMPTS = 64  # prompts per request
 MAX_STOP = 4  # stop strings, as OpenAI
+MAX_LOGPROBS = 5  # alternatives per token in `logprobs`, as OpenAI's legacy completions
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 NEUTRAL = {  # known to OpenAI, not implemented here: accepted only at these values
@@ -27,7 +28,6 @@ NEUTRAL = {  # known to OpenAI, not implemented here: accepted only at these val
     "frequency_penalty": 0,
     "presence_penalty": 0,
     "logit_bias": None,
-    "logprobs": None,
     "suffix": None,
 }
 KNOWN = {
@@ -43,6 +43,7 @@ KNOWN = {
     "stream",
     "stream_options",
     "echo",
+    "logprobs",
     "user",
     *NEUTRAL,
 }
@@ -76,6 +77,12 @@ class CompletionRequest:
     include_usage: bool
     echo: bool
     model: str
+    logprobs: int | None = None  # None: no log-probabilities; N: each token's, and the N likeliest alternatives
+
+    @property
+    def scores_prompt(self) -> bool:
+        """echo with logprobs: the prompt's own tokens get log-probabilities too (what evaluators ask for)."""
+        return self.echo and self.logprobs is not None
 
     @property
     def n_choices(self) -> int:
@@ -148,10 +155,10 @@ def _prompts(value, tokenizer, limits: Limits) -> tuple[list[list[int]], list[st
     """prompt: a string, a list of strings, a list of token ids, or a list of lists of token ids."""
     if value is None:
         raise APIError(400, "you must provide a prompt: a string or a list of strings", "prompt")
-    if isinstance(value, str) or (isinstance(value, list) and value and all(_is_id(t) for t in value)):
+    if isinstance(value, str) or (isinstance(value, list) and value and all(is_token_id(t) for t in value)):
         value = [value]
     if not isinstance(value, list) or not value:
-        raise APIError(400, f"{_short(value)} is not a string or a non-empty list of strings - 'prompt'", "prompt")
+        raise APIError(400, f"{short(value)} is not a string or a non-empty list of strings - 'prompt'", "prompt")
     if len(value) > MAX_PROMPTS:
         raise APIError(400, f"{len(value)} prompts is more than the maximum of {MAX_PROMPTS} - 'prompt'", "prompt")
     prompts, texts = [], []
@@ -161,14 +168,14 @@ def _prompts(value, tokenizer, limits: Limits) -> tuple[list[list[int]], list[st
                 raise _too_long(limits, i, len(value), f"at least {len(item) // limits.max_token_chars}")
             ids = tokenizer.encode(item) if item else [tokenizer.eot_id]  # "" starts from <|endoftext|>
             text = item
-        elif isinstance(item, list) and item and all(_is_id(t) for t in item):
+        elif isinstance(item, list) and item and all(is_token_id(t) for t in item):
             if len(item) > limits.context_length:
                 raise _too_long(limits, i, len(value), str(len(item)))
             if max(item) >= limits.vocab_size:
                 raise APIError(400, f"prompt[{i}] holds token id {max(item)}, not below {limits.vocab_size}", "prompt")
             ids, text = item, tokenizer.decode(item)
         else:
-            raise APIError(400, f"prompt[{i}] ({_short(item)}) is not a string or a list of token ids", "prompt")
+            raise APIError(400, f"prompt[{i}] ({short(item)}) is not a string or a list of token ids", "prompt")
         if len(ids) > limits.context_length:
             raise _too_long(limits, i, len(value), str(len(ids)))
         prompts.append(ids)
@@ -186,11 +193,11 @@ def _too_long(limits: Limits, index: int, count: int, tokens: str) -> APIError:
     )
 
 
-def _is_id(value) -> bool:
+def is_token_id(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _short(value) -> str:
+def short(value) -> str:
     text = json.dumps(value)
     return text if len(text) <= 40 else text[:37] + "..."
 
@@ -241,7 +248,7 @@ def parse_completion(body: Any, tokenizer, limits: Limits) -> CompletionRequest:
     elif isinstance(stop, str):
         stop = [stop]
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-        raise APIError(400, f"{_short(stop)} is not a string or a list of strings - 'stop'", "stop")
+        raise APIError(400, f"{short(stop)} is not a string or a list of strings - 'stop'", "stop")
     if len(stop) > MAX_STOP:
         raise APIError(400, f"{len(stop)} stop strings is more than the maximum of {MAX_STOP} - 'stop'", "stop")
     seed = _int(body, "seed", None, low=-(2**63), high=2**63 - 1)
@@ -270,6 +277,7 @@ def parse_completion(body: Any, tokenizer, limits: Limits) -> CompletionRequest:
         stream=stream,
         include_usage=include_usage,
         echo=_bool(body, "echo"),
+        logprobs=_int(body, "logprobs", None, low=0, high=MAX_LOGPROBS),
         model=model,
     )
 
@@ -291,8 +299,59 @@ def completion(
     }
 
 
-def choice(index: int, text: str, finish_reason: str | None) -> dict:
-    return {"text": text, "index": index, "logprobs": None, "finish_reason": finish_reason}
+def choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict:
+    return {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+@dataclass
+class TokenLogprob:
+    """One token of a completion (or of its prompt, with echo): its id, its log-probability (None for the first
+    prompt token, which nothing predicts) and the likeliest alternatives, {id: log-probability}."""
+
+    token: int
+    logprob: float | None
+    top: dict[int, float] | None
+
+
+class Logprobs:
+    """A choice's `logprobs` object as OpenAI's legacy completions give it: tokens, token_logprobs, top_logprobs
+    and text_offset (each token's character offset in prompt + completion)."""
+
+    def __init__(self, tokenizer, offset: int):
+        self.tokenizer, self.offset = tokenizer, offset
+        self.tokens: list[str] = []
+        self.token_logprobs: list[float | None] = []
+        self.top_logprobs: list[dict | None] = []
+        self.text_offset: list[int] = []
+
+    def add(self, entries: list[TokenLogprob]) -> dict:
+        """Append these tokens; returns the object for them alone (a stream chunk's)."""
+        part = Logprobs(self.tokenizer, self.offset)
+        for entry in entries:
+            part._append(entry)
+        self.tokens += part.tokens
+        self.token_logprobs += part.token_logprobs
+        self.top_logprobs += part.top_logprobs
+        self.text_offset += part.text_offset
+        self.offset = part.offset
+        return part.body()
+
+    def _append(self, entry: TokenLogprob) -> None:
+        text = self.tokenizer.decode([entry.token])
+        self.tokens.append(text)
+        self.token_logprobs.append(entry.logprob)
+        top = None if entry.top is None else {self.tokenizer.decode([t]): value for t, value in entry.top.items()}
+        self.top_logprobs.append(top)
+        self.text_offset.append(self.offset)
+        self.offset += len(text)
+
+    def body(self) -> dict:
+        return {
+            "tokens": self.tokens,
+            "token_logprobs": self.token_logprobs,
+            "top_logprobs": self.top_logprobs,
+            "text_offset": self.text_offset,
+        }
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
