@@ -705,3 +705,82 @@ def test_the_server_is_healthy_after_generated_bodies(small_client):
     assert small_client.get("/health").json()["status"] == "ok"
     good = small_client.post("/v1/completions", json={"prompt": "x", "max_tokens": 3})
     assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] == 3
+
+
+# ---- log-probabilities and the tokenizer endpoints (what evaluators use) ---------------------------------------------
+
+
+def test_logprobs_are_the_models_and_do_not_depend_on_the_batch(model_dir):
+    """echo + logprobs scores the prompt exactly as the model alone does (one log-softmax in float32 of an unbatched
+    forward pass); generated tokens' logprobs agree within 1e-5; the same request inside a busy batch gets the same
+    prompt values, bit for bit."""
+    from fastapi.testclient import TestClient
+
+    loaded = loading.load(str(model_dir))
+    body = {"prompt": "Once upon a time there was", "max_tokens": 6, "logprobs": 3, "echo": True, "temperature": 0}
+    with TestClient(build_app(loaded, name="tiny", max_batch_size=8)) as client:
+        alone = client.post("/v1/completions", json=body).json()["choices"][0]
+        others = [{"prompt": p, "max_tokens": 40, "temperature": 0.7, "seed": 1} for p in ("a b", "x", "ROMEO: hi")]
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(client.post, "/v1/completions", json=o) for o in others[:2]]
+            futures.append(pool.submit(client.post, "/v1/completions", json=body))
+            futures += [pool.submit(client.post, "/v1/completions", json=o) for o in others[2:]]
+            together = futures[2].result().json()["choices"][0]
+            assert all(f.result().status_code == 200 for f in futures)
+    ids = loaded.tokenizer.encode(body["prompt"])
+    logprobs = alone["logprobs"]
+    n = len(ids)
+    assert len(logprobs["tokens"]) == n + 6 and logprobs["token_logprobs"][0] is None
+    assert logprobs["top_logprobs"][0] is None and logprobs["text_offset"][:2] == [0, len(logprobs["tokens"][0])]
+    assert "".join(logprobs["tokens"]) == alone["text"]
+    generated = loaded.tokenizer.encode(alone["text"])[n:]
+    with torch.no_grad():
+        reference = torch.log_softmax(loaded.model(torch.tensor([ids + generated]))[0][0].float(), dim=-1)
+    expected = [reference[t - 1, token].item() for t, token in enumerate(ids + generated) if t > 0]
+    assert logprobs["token_logprobs"][1:n] == expected[: n - 1]  # the prompt: exactly the model's values
+    assert max(abs(a - b) for a, b in zip(logprobs["token_logprobs"][n:], expected[n - 1 :], strict=True)) < 1e-5
+    for value, top in zip(logprobs["token_logprobs"][n:], logprobs["top_logprobs"][n:], strict=True):
+        assert len(top) == 3 and value == max(top.values())  # greedy: the token is the likeliest, same value
+    assert together["logprobs"]["token_logprobs"][:n] == logprobs["token_logprobs"][:n]
+    assert together["text"] == alone["text"]
+    assert max(abs(a - b) for a, b in zip(together["logprobs"]["token_logprobs"][n:], logprobs["token_logprobs"][n:],
+                                          strict=True)) < 1e-5  # fmt: skip
+
+
+def test_logprobs_stream_and_prompt_scoring_with_the_openai_client(server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.url + "/v1", api_key="unused")
+    scored = client.completions.create(model="tiny", prompt="To be, or not", max_tokens=0, echo=True, logprobs=1)
+    choice = scored.choices[0]
+    assert choice.text == "To be, or not" and choice.finish_reason == "length"
+    assert choice.logprobs.token_logprobs[0] is None and choice.logprobs.tokens == ["To", " be", ",", " or", " not"]
+    assert all(isinstance(v, float) for v in choice.logprobs.token_logprobs[1:])
+    whole = client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=8, temperature=0, logprobs=2)
+    streamed = [c.choices[0] for c in client.completions.create(
+        model="tiny", prompt="ROMEO:", max_tokens=8, temperature=0, logprobs=2, stream=True) if c.choices]  # fmt: skip
+    tokens = [token for c in streamed if c.logprobs for token in c.logprobs.tokens]
+    values = [value for c in streamed if c.logprobs for value in c.logprobs.token_logprobs]
+    assert tokens == whole.choices[0].logprobs.tokens and values == whole.choices[0].logprobs.token_logprobs
+    assert len(tokens) == whole.usage.completion_tokens  # every generated token, <|endoftext|> included
+
+
+def test_tokenizer_endpoints(model_dir):
+    from fastapi.testclient import TestClient
+
+    loaded = loading.load(str(model_dir))
+    with TestClient(build_app(loaded, name="tiny", api_key="k")) as client:
+        auth = {"Authorization": "Bearer k"}
+        assert client.get("/tokenizer_info").status_code == 401
+        info = client.get("/tokenizer_info", headers=auth).json()
+        assert info["eos_token"] == "<|endoftext|>" and info["model_max_length"] == 1024
+        text = "Hello world<|endoftext|> and more"
+        tokenized = client.post("/tokenize", json={"prompt": text, "add_special_tokens": False}, headers=auth).json()
+        assert tokenized["tokens"] == loaded.tokenizer.encode(text) and tokenized["count"] == len(tokenized["tokens"])
+        assert tokenized["tokens"][2] == 50256 and tokenized["max_model_len"] == 1024
+        back = client.post("/detokenize", json={"tokens": tokenized["tokens"]}, headers=auth).json()
+        assert back == {"prompt": text}
+        for path, body, param in (("/tokenize", {"prompt": 5}, "prompt"), ("/detokenize", {"tokens": [1, 60000]},
+                                                                              "tokens")):  # fmt: skip
+            response = client.post(path, json=body, headers=auth)
+            assert response.status_code == 400 and response.json()["error"]["param"] == param
