@@ -784,3 +784,21 @@ def test_tokenizer_endpoints(model_dir):
                                                                               "tokens")):  # fmt: skip
             response = client.post(path, json=body, headers=auth)
             assert response.status_code == 400 and response.json()["error"]["param"] == param
+
+
+def test_the_generated_end_of_text_token_has_its_logprob(model_dir):
+    """A completion that ends at once with <|endoftext|> still lists that token (evaluators count on the last
+    entry being the generated token)."""
+    from fastapi.testclient import TestClient
+
+    loaded = loading.load(str(model_dir))
+    with torch.no_grad():  # every position's hidden state is the same vector, and <|endoftext|> scores highest on it
+        loaded.model.transformer.ln_f.weight.zero_()
+        loaded.model.transformer.ln_f.bias.fill_(1.0)
+        loaded.model.lm_head.weight[loaded.tokenizer.eot_id] = 1.0
+    with TestClient(build_app(loaded, name="tiny")) as client:
+        body = {"prompt": "Hi there", "max_tokens": 5, "logprobs": 1, "temperature": 0, "echo": True}
+        choice = client.post("/v1/completions", json=body).json()["choices"][0]
+    assert choice["finish_reason"] == "stop" and choice["text"] == "Hi there"
+    assert choice["logprobs"]["tokens"] == ["Hi", " there", "<|endoftext|>"]
+    assert choice["logprobs"]["token_logprobs"][-1] == max(choice["logprobs"]["top_logprobs"][-1].values())
