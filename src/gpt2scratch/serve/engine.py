@@ -47,8 +47,7 @@ class Event:
     text: str = ""
     finish_reason: str | None = None  # "stop" | "length" | "error" on a row's last event
     completion_tokens: int = 0
-    logprobs: list[TokenLogprob] | None = None  # the tokens since the last event, when the request asks
-    prompt: bool = False  # these logprobs are the prompt's (echo), not generated tokens'
+    logprobs: list[TokenLogprob] | None = None  # the tokens since the last event (the prompt's first, with echo)
 
 
 class Job:
@@ -243,8 +242,9 @@ class Engine:
             return
         # A prompt to be scored (echo + logprobs) is processed alone, unpadded: its log-probabilities are then
         # exactly those it gets when it is the only request. The others are processed together.
-        groups = [[row] for row in new if row.job.request.scores_prompt]
-        groups += [rows] if (rows := [row for row in new if not row.job.request.scores_prompt]) else []
+        scored = [row for row in new if row.job.request.scores_prompt]
+        rest = [row for row in new if not row.job.request.scores_prompt]
+        groups = [[row] for row in scored] + ([rest] if rest else [])
         for group in groups:
             try:
                 self._prefill(group)
@@ -259,7 +259,7 @@ class Engine:
         if new[0].job.request.scores_prompt:  # a group of one (see _admit)
             row = new[0]
             entries = prompt_logprobs(row.prompt, logits[0], row.job.request.logprobs)
-            row.job.emit(Event(row.choice, logprobs=entries, prompt=True))
+            row.job.emit(Event(row.choice, logprobs=entries))
             if row.job.request.max_tokens == 0:  # scoring only
                 row.job.emit(Event(row.choice, "", "length", 0))
                 self.stats.rows_finished += 1
