@@ -80,16 +80,20 @@ def lm_eval(root: Path, *args: str, tasks: str, output: str) -> list[dict]:
     return sorted((json.loads(line) for line in samples.read_text().splitlines()), key=lambda s: s["doc_id"])
 
 
+def lm_eval_served(root: Path, model: Path, tasks: str, output: str) -> list[dict]:
+    """lm_eval's local-completions against `gpt2scratch serve MODEL` (remote tokenizer); returns its samples."""
+    with ServerProcess(model, "--model-name", "tiny") as server:
+        base_url = f"base_url={server.url}/v1/completions,model=tiny,tokenizer_backend=remote,num_concurrent=1"
+        return lm_eval(root, "--model", "local-completions", "--model_args", base_url, tasks=tasks, output=output)
+
+
 def loglikelihoods(samples: list[dict]) -> list[list[float]]:
     return [[float(response[0]) for response in sample["filtered_resps"]] for sample in samples]
 
 
 def test_multiple_choice_through_the_server_and_the_export_equals_our_scorer(setup):
     root, model = setup
-    with ServerProcess(model, "--model-name", "tiny") as server:
-        base_url = f"base_url={server.url}/v1/completions,model=tiny,tokenizer_backend=remote,num_concurrent=1"
-        served = lm_eval(root, "--model", "local-completions", "--model_args", base_url, tasks="g2s_choice",
-                         output="served")  # fmt: skip
+    served = lm_eval_served(root, model, tasks="g2s_choice", output="served")
     exported = lm_eval(root, "--model", "hf", "--model_args", f"pretrained={root / 'hf'},dtype=float32", "--device",
                        "cpu", "--batch_size", "2", tasks="g2s_choice", output="exported")  # fmt: skip
     loaded = loading.load(str(model))
@@ -106,10 +110,7 @@ def test_multiple_choice_through_the_server_and_the_export_equals_our_scorer(set
 
 def test_generate_until_through_the_server_is_our_greedy_text(setup):
     root, model = setup
-    with ServerProcess(model, "--model-name", "tiny") as server:
-        base_url = f"base_url={server.url}/v1/completions,model=tiny,tokenizer_backend=remote,num_concurrent=1"
-        samples = lm_eval(root, "--model", "local-completions", "--model_args", base_url, tasks="g2s_generate",
-                          output="generated")  # fmt: skip
+    samples = lm_eval_served(root, model, tasks="g2s_generate", output="generated")
     for example, sample in zip(EXAMPLES, samples, strict=True):
         ctx = example["ctx"]
         result = run_cli("generate", str(model), "--prompt", ctx, "--temperature", "0", "--max-new-tokens", "12",
