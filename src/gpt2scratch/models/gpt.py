@@ -11,6 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from gpt2scratch.config import IGNORE_INDEX, GPTConfig
 from gpt2scratch.models.kv_cache import KVCache
@@ -21,9 +22,17 @@ INIT_STD = 0.02  # GPT-2's initializer_range
 
 
 class GPT(nn.Module):
-    def __init__(self, config: GPTConfig, attn_impl: str = "sdpa"):
+    """pad_vocab > 1 gives the embedding and the LM head extra rows up to a multiple of it (50257 -> 50304 for
+    pad_vocab 64), so the largest matmul has GPU-friendly shapes. The extra rows start at zero and stay there
+    (no token looks them up, their logits are cut off before anything sees them, so their gradient is zero):
+    logits, `state_dict()` and checkpoints have exactly vocab_size rows, and `load_state_dict` pads again.
+    activation_checkpointing: recompute each block in the backward pass instead of keeping its activations."""
+
+    def __init__(self, config: GPTConfig, attn_impl: str = "sdpa", pad_vocab: int = 1):
         super().__init__()
         self.config = config
+        self.padded_vocab_size = math.ceil(config.vocab_size / pad_vocab) * pad_vocab
+        self.activation_checkpointing = False
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.vocab_size, config.emb_dim),
@@ -41,6 +50,8 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             nn.init.normal_(block.attn.c_proj.weight, mean=0.0, std=residual_std)
             nn.init.normal_(block.mlp.c_proj.weight, mean=0.0, std=residual_std)
+        if self.padded_vocab_size != config.vocab_size:  # after the init: the same weights as unpadded
+            self._pad_vocab()
         if config.weight_tying:
             self.lm_head.weight = self.transformer.wte.weight
 
@@ -53,6 +64,16 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
+
+    def _pad_vocab(self) -> None:
+        """Zero rows appended to the embedding and the LM head, up to padded_vocab_size."""
+        for module in (self.transformer.wte, self.lm_head):
+            weight = module.weight.data
+            padding = weight.new_zeros(self.padded_vocab_size - weight.size(0), weight.size(1))
+            module.weight = nn.Parameter(torch.cat([weight, padding]))
+        self.transformer.wte.num_embeddings = self.lm_head.out_features = self.padded_vocab_size
+        self.register_state_dict_post_hook(_unpad_state)
+        self.register_load_state_dict_pre_hook(_pad_state)
 
     def forward(
         self,
@@ -79,13 +100,18 @@ class GPT(nn.Module):
             pos = (pos[None, :] - pad_lengths[:, None]).clamp(min=0)  # (B, T)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, cache=caches[i] if caches else None, pad_lengths=pad_lengths)
+            if self.activation_checkpointing and self.training and caches is None:
+                x = checkpoint(block, x, pad_lengths=pad_lengths, use_reentrant=False)
+            else:
+                x = block(x, cache=caches[i] if caches else None, pad_lengths=pad_lengths)
         x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)  # (B, T, vocab_size)
+        logits = self.lm_head(x)  # (B, T, padded_vocab_size)
+        if self.padded_vocab_size != self.config.vocab_size:
+            logits = logits[..., : self.config.vocab_size]  # (B, T, vocab_size)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(
-                logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX
+                logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX
             )
         return logits, loss
 
@@ -114,5 +140,26 @@ class GPT(nn.Module):
         return [KVCache(max_len or self.config.context_length) for _ in range(self.config.n_layers)]
 
     def num_params(self) -> int:
-        """Parameters counted once each (a tied head is not counted twice)."""
-        return sum(p.numel() for p in self.parameters())
+        """Parameters counted once each (a tied head is not counted twice), padding rows not counted."""
+        padding = (self.padded_vocab_size - self.config.vocab_size) * self.config.emb_dim
+        heads = 1 if self.config.weight_tying else 2
+        return sum(p.numel() for p in self.parameters()) - heads * padding
+
+
+_PADDED = ("transformer.wte.weight", "lm_head.weight")
+
+
+def _unpad_state(model: GPT, state: dict, prefix: str, local_metadata) -> None:
+    """state_dict() holds vocab_size rows of the padded matrices (views: no copy)."""
+    for name in _PADDED:
+        if prefix + name in state:
+            state[prefix + name] = state[prefix + name][: model.config.vocab_size]
+
+
+def _pad_state(model: GPT, state: dict, prefix: str, local_metadata, strict, missing, unexpected, errors) -> None:
+    """load_state_dict() of vocab_size rows: the padding rows are zero again."""
+    for name in _PADDED:
+        tensor = state.get(prefix + name)
+        if tensor is not None and tensor.size(0) == model.config.vocab_size:
+            padding = tensor.new_zeros(model.padded_vocab_size - tensor.size(0), *tensor.shape[1:])
+            state[prefix + name] = torch.cat([tensor, padding])
