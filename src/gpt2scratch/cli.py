@@ -102,7 +102,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, auto_preset: bool = Fa
             "--preset",
             choices=["auto", *PRESETS],
             default="auto",
-            help="a named model shape; auto (default): the seed's GPTConfig on a GPU, the `cpu` preset on a CPU",
+            help="a named config; auto (default): the `gpu` preset on a GPU, the `cpu` preset on a CPU; "
+            "`seed`: the seed's GPTConfig and schedule",
         )
     else:
         group.add_argument(

@@ -95,6 +95,25 @@ class TrainingConfig:
     precision: str = field(default="auto", metadata=_help("auto, fp32, bf16 or fp16 (autocast)"))
     compile: str = field(default="auto", metadata=_help("torch.compile: auto (on for CUDA), on or off"))
     fsdp: bool = field(default=False, metadata=_help("shard the model with FSDP2 instead of DDP (torchrun)"))
+    # Speed (GPU users' usual switches; each default is the fast one where it is safe).
+    tf32: bool = field(default=True, metadata=_help("TF32 for fp32 matmuls on NVIDIA GPUs"))
+    fused_adamw: bool = field(default=True, metadata=_help("the fused AdamW kernel (CUDA, CPU); off: foreach"))
+    pad_vocab: int = field(
+        default=64,
+        metadata=_help(
+            "pad the embedding and LM head to a multiple of this many rows for faster matmuls (1 = off); "
+            "logits, checkpoints and exports keep vocab_size"
+        ),
+    )
+    activation_checkpointing: bool = field(
+        default=False, metadata=_help("recompute each block in the backward pass: less memory, a third more compute")
+    )
+    peak_tflops: float = field(
+        default=0.0, metadata=_help("peak bf16 TFLOP/s of one device, for MFU (0 = look up the GPU by its name)")
+    )
+    early_stop: int = field(
+        default=0, metadata=_help("stop when val loss has not improved for N evaluations in a row (0 = off)")
+    )
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "max_new_token", "log_every", "keep_last"):
@@ -108,6 +127,7 @@ class TrainingConfig:
             "seed",
             "eval_hellaswag_every",
             "hellaswag_limit",
+            "early_stop",
         ):
             require_int(self, name)
             if getattr(self, name) < 0:
@@ -121,7 +141,12 @@ class TrainingConfig:
         require_choice(self, "device", None, pattern=r"auto|cpu|mps|cuda(:\d+)?")
         require_choice(self, "precision", ("auto", "fp32", "bf16", "fp16"))
         require_choice(self, "compile", ("auto", "on", "off"))
-        require_bool(self, "fsdp")
+        for name in ("fsdp", "tf32", "fused_adamw", "activation_checkpointing"):
+            require_bool(self, name)
+        require_positive_int(self, "pad_vocab")
+        require_number(self, "peak_tflops")
+        if self.peak_tflops < 0:
+            raise ValueError(f"peak_tflops ({self.peak_tflops}) must be >= 0 (0 = from the GPU's name)")
         for name in ("warmup_steps", "k_top"):
             require_int(self, name)
             if getattr(self, name) < 0:
@@ -222,6 +247,8 @@ _SMALL_RUN = {"eval_every": 250, "sample_every": 500, "save_every": 250, "log_ev
 # OpenAI's released shapes: their checkpoints have qkv bias and a tied LM head.
 _OPENAI = {"vocab_size": 50257, "context_length": 1024, "qkv_bias": True, "weight_tying": True}
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    # The seed's GPTConfig and TrainingConfig as they are: GPT-2 124M shapes, 2^19 tokens per step, 19,073 steps.
+    "seed": {},
     "gpt2": {"model": {**_OPENAI, "n_layers": 12, "n_heads": 12, "emb_dim": 768}},
     "gpt2-medium": {"model": {**_OPENAI, "n_layers": 24, "n_heads": 16, "emb_dim": 1024}},
     "gpt2-large": {"model": {**_OPENAI, "n_layers": 36, "n_heads": 20, "emb_dim": 1280}},
@@ -284,6 +311,27 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "log_every": 50,
             "time_budget": 8.0,
         },
+    },
+    # The GPU default of `train --preset auto`: the embedded corpus (about 1.9 M tokens with this BPE) is what
+    # limits a GPU, not compute, so the model is sized for the data (nanoGPT's Shakespeare shape, dropout 0.2)
+    # and the run stops when the val loss turns up (early_stop), within a 5-minute budget on slower GPUs.
+    "gpu": {
+        "model": {"n_layers": 6, "n_heads": 6, "emb_dim": 384, "context_length": 256, "drop_rate": 0.2},
+        "training": {
+            "batch_size": 64,
+            "tokens_per_step": 16384,
+            "max_lr": 1e-3,
+            "min_lr": 1e-4,
+            "warmup_steps": 100,
+            "max_steps": 5000,
+            "eval_every": 100,
+            "sample_every": 1000,
+            "save_every": 500,
+            "log_every": 100,
+            "time_budget": 5.0,
+            "early_stop": 3,
+        },
+        "data": {"tokenizer": "bpe:4096"},
     },
 }
 

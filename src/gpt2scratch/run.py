@@ -3,7 +3,7 @@
 
     result = train(TrainOptions(out="runs/x"), preset="auto", overrides={"training": {"max_steps": 100}})
 
-In order: the preset (`auto`: the seed's GPTConfig on a GPU, the `cpu` preset on a CPU), the config (defaults <
+In order: the preset (`auto`: the `gpu` preset on a GPU, the `cpu` preset on a CPU), the config (defaults <
 preset < config file < overrides; on --resume the checkpoint's, with the overrides on top), the run folder
 (refused if it holds an earlier run, unless --resume or --overwrite), the weights to start from (--init-from),
 the data (the embedded corpus prepared on first use; the model's vocabulary fitted to the data's tokenizer),
@@ -97,7 +97,7 @@ def train(
         data = DataModule(
             config.data.dir, config.model.context_length, t.batch_size, t.seed, runtime.rank, runtime.world_size
         )
-        explicit_vocab = init is not None or "vocab_size" in overrides.get("model", {})
+        explicit_vocab = init is not None or bool(options.resume) or "vocab_size" in overrides.get("model", {})
         config = _fit_vocabulary(config, data.vocab_size, explicit=explicit_vocab)
         if init is not None:
             _check_same_tokenizer(init.tokenizer_dir, data.tokenizer_dir(), options.init_from, config.data.dir)
@@ -154,14 +154,14 @@ def _check_fits_in_memory(config: Config, runtime) -> None:
 
 
 def _preset(preset: str | None, options: TrainOptions, overrides: dict) -> str | None:
-    """`auto`: the seed's GPTConfig (no preset) on a GPU, the `cpu` preset elsewhere; fine-tuning: no preset, the
-    model's shape and the seed's recipe."""
+    """`auto`: the `gpu` preset on a GPU, the `cpu` preset elsewhere (each sized for the embedded corpus and a
+    few minutes); fine-tuning: no preset, the model's shape and the seed's recipe."""
     if preset != "auto":
         return preset
     if options.init_from:
         return None
     device, _ = pick_device(overrides.get("training", {}).get("device", "auto"))
-    return None if device.type == "cuda" else "cpu"
+    return "gpu" if device.type == "cuda" else "cpu"
 
 
 def _load_init(source: str, overrides: dict):

@@ -87,7 +87,7 @@ def configure_optimizer(model: torch.nn.Module, training: TrainingConfig, device
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
     kwargs = dict(lr=training.max_lr, betas=(training.beta1, training.beta2), eps=1e-8)
-    if device.type in ("cuda", "cpu"):
+    if training.fused_adamw and device.type in ("cuda", "cpu"):
         return torch.optim.AdamW(groups, fused=True, **kwargs)
     return torch.optim.AdamW(groups, foreach=True, **kwargs)
 
@@ -118,7 +118,8 @@ class Trainer:
         self.budget: TimeBudget | None = None  # set by fit() when the run has a time budget
 
         torch.manual_seed(t.seed)  # the same initial weights on every rank
-        self.raw_model = GPT(config.model).to(runtime.device)
+        self.raw_model = GPT(config.model, pad_vocab=t.pad_vocab).to(runtime.device)
+        self.raw_model.activation_checkpointing = t.activation_checkpointing
         if init_weights is not None:  # fine-tuning: start from these weights (a tied head follows wte)
             self.raw_model.load_state_dict(init_weights)
         shard(self.raw_model, runtime, t.fsdp)
@@ -132,6 +133,7 @@ class Trainer:
         self.step = 0  # optimizer updates done
         self.best_val_loss, self.best_step = math.inf, None
         self.bad_steps = 0
+        self.evals_without_improvement = 0  # for early_stop
         self.history: list[dict] = []  # eval records, for the plot and the checkpoints
         if runtime.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -174,6 +176,9 @@ class Trainer:
                 if self.validator.due(self.step, last):
                     last_eval = self.evaluate()
                     self._record_eval(last_eval)
+                    if t.early_stop and self.evals_without_improvement >= t.early_stop and not last:
+                        self._stop_early()
+                        last = True
                 if due(t.sample_every, self.step, last):
                     for text in self.sample():
                         self.metrics.print(f"--- sample at step {self.step} ---\n{text}")
@@ -281,6 +286,16 @@ class Trainer:
                 f"The last checkpoint in {self.checkpointer.root} is intact; resume from it with a lower --max-lr"
             )
 
+    def _stop_early(self) -> None:
+        """The val loss has not improved for early_stop evaluations: end the run at this step (samples and the
+        last checkpoint follow, as at max_steps)."""
+        self.metrics.print(
+            f"early stop at step {self.step}: val loss has not improved for {self.evals_without_improvement} "
+            f"evaluations (best {self.best_val_loss:.4f} at step {self.best_step}); more steps would memorise"
+        )
+        self.schedule = replace(self.schedule, max_steps=self.step)
+        self.metrics.set_total(self.step)
+
     def _refit(self, budget: TimeBudget) -> None:
         before = self.schedule.max_steps
         self.schedule = replace(self.schedule, max_steps=budget.refit(self.step))
@@ -326,6 +341,9 @@ class Trainer:
     def _record_eval(self, record: dict) -> None:
         if record["val_loss"] < self.best_val_loss:
             self.best_val_loss, self.best_step = record["val_loss"], record["step"]
+            self.evals_without_improvement = 0
+        else:
+            self.evals_without_improvement += 1
         self.history.append(record)
         self.metrics.log_eval(record, self.history, self.best_val_loss)
 
@@ -398,6 +416,7 @@ class Trainer:
         self.best_val_loss = ckpt.state["best_val_loss"] if ckpt.state["best_val_loss"] is not None else math.inf
         self.best_step = ckpt.state["best_step"]
         self.history = ckpt.state.get("history", [])
+        self.evals_without_improvement = sum(1 for r in self.history if r["step"] > (self.best_step or 0))
         self.metrics.truncate(self.step)
         if self.runtime.is_main:
             log.info(f"resumed from {ckpt.path} at step {self.step}")
