@@ -19,6 +19,17 @@ from gpt2scratch.options import PrepareOptions  # noqa: E402
 from gpt2scratch.testing import write_random_model  # noqa: E402
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` need a GPU: without one they are deselected (not skipped), and `pytest -m cuda` on a
+    GPU machine (bench/gpu_check.sh) runs them."""
+    if torch.cuda.is_available():
+        return
+    deselected = [item for item in items if item.get_closest_marker("cuda")]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if not item.get_closest_marker("cuda")]
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -1,0 +1,298 @@
+"""The training speed switches (padded vocabulary, activation checkpointing, torch.compile, fp16 with a gradient
+scaler, bf16, fused AdamW, MFU, early stop), each checked against the plain path it replaces.
+
+Tests parametrized over DEVICES run on the CPU everywhere and on CUDA where a GPU is present (`cuda` marker:
+conftest deselects them on a machine without one; `bench/gpu_check.sh` runs them on a GPU). The CUDA-only tests
+at the end cover what only a GPU run shows: a bit-exact resume there, the KV cache in bf16, and the commands.
+"""
+
+import json
+import shutil
+import urllib.request
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from gpt2scratch import checkpoint
+from gpt2scratch.config import Config, GPTConfig, TrainingConfig, resolve_config
+from gpt2scratch.dataset.data_module import DataModule
+from gpt2scratch.generation import generate_ids
+from gpt2scratch.hf import export_folder
+from gpt2scratch.models import GPT
+from gpt2scratch.runtime import Runtime, setup_runtime
+from gpt2scratch.testing import ServerProcess, run_cli
+from gpt2scratch.trainer import Trainer
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def make_config(data_dir, vocab_size=512, drop_rate=0.0, **training) -> Config:
+    config = resolve_config("tiny", overrides={"data": {"dir": str(data_dir)}})
+    model = GPTConfig(**{**config.model.__dict__, "vocab_size": vocab_size, "drop_rate": drop_rate})
+    values = dict(tokens_per_step=0, batch_size=4, warmup_steps=2, max_steps=8, eval_every=0, sample_every=0)
+    values.update(training)
+    return Config(model, TrainingConfig(**values), config.data)
+
+
+def train(config: Config, run_dir, resume=False) -> tuple[Trainer, list[float]]:
+    """Train in this process (on config.training.device) and return the trainer and its losses."""
+    runtime = setup_runtime(config.training)
+    data = DataModule(config.data.dir, config.model.context_length, config.training.batch_size)
+    trainer = Trainer(config, run_dir, runtime, data, resume=resume)
+    trainer.fit()
+    return trainer, list(losses(run_dir).values())
+
+
+def losses(run_dir, key="train_loss") -> dict[int, float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r[key] for r in map(json.loads, lines) if key in r}
+
+
+def model_config(**overrides) -> GPTConfig:
+    values = dict(vocab_size=1000, context_length=32, emb_dim=64, n_heads=4, n_layers=2, drop_rate=0.0)
+    return GPTConfig(**{**values, **overrides})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The padded vocabulary.
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("weight_tying", [False, True])
+def test_padded_vocabulary_gives_the_unpadded_logits_and_weights(device, weight_tying):
+    torch.backends.cuda.matmul.allow_tf32 = False  # (a training run in this process may have turned it on)
+    config = model_config(weight_tying=weight_tying)
+    torch.manual_seed(0)
+    plain = GPT(config).to(device).eval()
+    torch.manual_seed(0)
+    padded = GPT(config, pad_vocab=64).to(device).eval()
+    assert padded.lm_head.weight.shape == (1024, 64) and padded.transformer.wte.weight.shape == (1024, 64)
+    assert padded.num_params() == plain.num_params()
+    a, b = plain.state_dict(), padded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the same init, vocab_size rows
+    x = torch.randint(0, 1000, (3, 32), device=device)
+    y = torch.randint(0, 1000, (3, 32), device=device)
+    (plain_logits, plain_loss), (padded_logits, padded_loss) = plain(x, y), padded(x, y)
+    assert padded_logits.shape == (3, 32, 1000)
+    assert_close(padded_logits, plain_logits, rtol=1e-5, atol=1e-5)
+    assert_close(padded_loss, plain_loss, rtol=1e-5, atol=1e-5)
+    padded_loss.backward()  # the padding rows get no gradient: they stay zero under AdamW
+    assert padded.lm_head.weight.grad[1000:].abs().sum() == 0
+    assert padded.transformer.wte.weight.grad[1000:].abs().sum() == 0
+    reloaded = GPT(config, pad_vocab=64).to(device)
+    reloaded.load_state_dict(a)
+    assert torch.equal(reloaded.lm_head.weight[1000:], torch.zeros(24, 64, device=device))
+    assert (reloaded.lm_head.weight is reloaded.transformer.wte.weight) == weight_tying
+
+
+def test_training_with_a_padded_vocabulary_exports_what_the_unpadded_one_does(hamlet_data, tmp_path):
+    """515 tokens (not a multiple of 64): padded to 576 for the matmuls; losses, checkpoint and HF export are the
+    unpadded run's."""
+    runs = {}
+    for pad in (1, 64):
+        config = make_config(hamlet_data, vocab_size=515, pad_vocab=pad, drop_rate=0.1)
+        trainer, run_losses = train(config, tmp_path / f"pad{pad}")
+        assert trainer.raw_model.padded_vocab_size == (576 if pad == 64 else 515)
+        state = checkpoint.load_model_state(tmp_path / f"pad{pad}" / "ckpt" / "step_000008")
+        assert state["lm_head.weight"].shape == (515, 64)
+        hf = export_folder(state, config.model, trainer.data.tokenizer_dir(), tmp_path / f"hf{pad}")
+        runs[pad] = run_losses, state, (hf / "model.safetensors").read_bytes()
+    assert_close(runs[64][0], runs[1][0], rtol=1e-5, atol=1e-5)
+    assert all(torch.allclose(runs[64][1][k], runs[1][1][k], rtol=1e-4, atol=1e-6) for k in runs[1][1])
+    plain_export = export_folder(runs[1][1], config.model, trainer.data.tokenizer_dir(), tmp_path / "again")
+    assert (plain_export / "model.safetensors").read_bytes() == runs[1][2]  # the export itself is deterministic
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Activation checkpointing, compile, precisions.
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_activation_checkpointing_gives_the_same_gradients(device):
+    """With dropout on: the recomputed forward pass replays the same dropout masks."""
+    config = model_config(drop_rate=0.1, n_layers=3)
+    x = torch.randint(0, 1000, (2, 32), device=device)
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = GPT(config).to(device).train()
+        model.activation_checkpointing = checkpointing
+        torch.manual_seed(1)
+        _, loss = model(x, x)
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name in grads[0]:
+        assert_close(grads[1][name], grads[0][name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_training_matches_eager(device, hamlet_data, tmp_path):
+    """torch.compile of the model (inductor; on a CPU it generates C++) gives the eager run's losses."""
+    settings = dict(device=device, precision="fp32", tf32=False)
+    eager = train(make_config(hamlet_data, compile="off", **settings), tmp_path / "eager")[1]
+    trainer, compiled = train(make_config(hamlet_data, compile="on", **settings), tmp_path / "compiled")
+    assert trainer.compiled, "compilation failed and the run fell back to eager"
+    assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_autocast_losses_follow_fp32(device, precision, hamlet_data, tmp_path):
+    """bf16, and fp16 with its gradient scaler, train like fp32 (within their rounding)."""
+    settings = dict(device=device, compile="off", max_steps=16, max_lr=6e-3)
+    reference = train(make_config(hamlet_data, precision="fp32", **settings), tmp_path / "fp32")[1]
+    config = make_config(hamlet_data, precision=precision, **settings)
+    trainer, low = train(config, tmp_path / precision)
+    assert trainer.scaler.is_enabled() == (precision == "fp16")
+    if precision == "fp16":
+        assert 0 < trainer.scaler.get_scale() < float("inf")
+    assert_close(low, reference, rtol=3e-2, atol=0)
+    assert low[-1] < low[0] - 0.3  # and it learns
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_fused_and_foreach_adamw_agree(fused, hamlet_data, tmp_path):
+    base = train(make_config(hamlet_data, fused_adamw=True), tmp_path / "fused")[1]
+    other = train(make_config(hamlet_data, fused_adamw=fused), tmp_path / "other")[1]
+    assert_close(other, base, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# MFU, early stop, presets.
+
+
+def test_mfu_uses_the_given_peak(hamlet_data, tmp_path):
+    _, _ = train(make_config(hamlet_data, peak_tflops=0.001), tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "train_loss" in r]
+    assert steps and all(r["mfu"] > 0 for r in steps)
+    assert all(r["mfu"] == pytest.approx(r["tokens_per_sec"] * _flops(tmp_path) / 1e9) for r in steps)
+
+
+def _flops(run_dir) -> float:
+    from gpt2scratch.estimates import flops_per_token
+
+    config = Config.from_dict(json.loads((run_dir / "run_config.json").read_text()))
+    return flops_per_token(config.model)
+
+
+def test_peak_flops_table_matches_gpu_names():
+    from gpt2scratch.runtime import gpu_peak_flops
+
+    assert gpu_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert gpu_peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert gpu_peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert gpu_peak_flops("NVIDIA L4") == 121e12 and gpu_peak_flops("NVIDIA L40S") == 362e12
+    assert gpu_peak_flops("NVIDIA GeForce GTX 1080") is None
+    runtime = Runtime(torch.device("cpu"), "fp32", compile=False, peak_flops_per_device=5e12, world_size=2)
+    assert runtime.peak_flops() == 10e12
+
+
+class ScriptedTrainer(Trainer):
+    """Val losses from a script instead of the model: when they stop improving is then known."""
+
+    script = [5.0, 4.0, 4.1, 3.9, 4.0, 4.2, 4.3, 4.4, 4.5]
+
+    def evaluate(self) -> dict:
+        loss = self.script[len(self.history)]
+        return {"step": self.step, "val_loss": loss, "val_ppl": 2.718**loss, "val_bpb": loss / 2}
+
+
+def test_early_stop_ends_the_run_when_val_loss_stops_improving(hamlet_data, tmp_path):
+    config = make_config(hamlet_data, max_steps=40, eval_every=2, save_every=0, early_stop=3)
+    runtime = setup_runtime(config.training)
+    data = DataModule(config.data.dir, config.model.context_length, config.training.batch_size)
+    trainer = ScriptedTrainer(config, tmp_path, runtime, data)
+    summary = trainer.fit()
+    # best 3.9 at the 4th evaluation (step 8); 4.0, 4.2, 4.3 do not improve: stop at the 7th (step 14)
+    assert summary["step"] == 14 and trainer.best_step == 8
+    assert checkpoint.latest(tmp_path / "ckpt").name == "step_000014"  # the last step is saved, as at max_steps
+    assert trainer.run_config().training.max_steps == 14
+
+
+def test_presets_for_the_seed_and_the_gpu():
+    assert resolve_config("seed") == resolve_config(None)  # the seed's GPTConfig and TrainingConfig
+    gpu = resolve_config("gpu")
+    assert (gpu.model.n_layers, gpu.model.emb_dim, gpu.model.context_length) == (6, 384, 256)
+    assert gpu.training.early_stop > 0 and gpu.training.time_budget > 0 and gpu.data.tokenizer == "bpe:4096"
+
+
+def test_auto_preset_is_gpu_on_cuda(monkeypatch):
+    from gpt2scratch import run
+    from gpt2scratch.options import TrainOptions
+
+    monkeypatch.setattr(run, "pick_device", lambda requested: (torch.device("cuda", 0), "test"))
+    assert run._preset("auto", TrainOptions(), {}) == "gpu"
+    monkeypatch.setattr(run, "pick_device", lambda requested: (torch.device("cpu"), "test"))
+    assert run._preset("auto", TrainOptions(), {}) == "cpu"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# On a GPU only.
+
+
+@pytest.mark.cuda
+def test_cuda_resume_is_bit_for_bit(hamlet_data, tmp_path):
+    """bf16 autocast and dropout on the GPU: N steps == N/2 + resume + N/2, exactly (CUDA RNG restored)."""
+    config = make_config(
+        hamlet_data, drop_rate=0.1, device="cuda", precision="bf16", compile="off", max_steps=12, save_every=6
+    )
+    train(config, tmp_path / "full")
+    (tmp_path / "half" / "ckpt").mkdir(parents=True)
+    shutil.copytree(tmp_path / "full" / "ckpt" / "step_000006", tmp_path / "half" / "ckpt" / "step_000006")
+    train(config, tmp_path / "half", resume=True)
+    full, half = losses(tmp_path / "full"), losses(tmp_path / "half")
+    assert [half[s] for s in range(7, 13)] == [full[s] for s in range(7, 13)]
+    a = checkpoint.load_model_state(tmp_path / "full" / "ckpt" / "step_000012")
+    b = checkpoint.load_model_state(tmp_path / "half" / "ckpt" / "step_000012")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_kv_cache_generation_equals_recomputation(dtype):
+    torch.manual_seed(0)
+    model = GPT(model_config(context_length=64)).to("cuda", dtype).eval()
+    prompt = [[5, 17, 3, 99, 42, 8, 1]]
+    cached = generate_ids(model, prompt, 30, temperature=0)[0]
+    history = list(prompt[0])
+    with torch.no_grad():
+        for token in cached:
+            logits = model(torch.tensor([history], device="cuda"))[0][0, -1].float()
+            # the cached choice is the recomputed argmax, or within bf16 rounding of it
+            assert logits[token] >= logits.max() - (0 if dtype == torch.float32 else 0.1)
+            history.append(token)
+
+
+@pytest.fixture(scope="module")
+def cuda_trained_model(hamlet_data, tmp_path_factory):
+    """A tiny model trained on the GPU by the command a user runs, exported."""
+    out = tmp_path_factory.mktemp("cuda_run")
+    args = ["--preset", "tiny", "--max-steps", "30", "--data-dir", str(hamlet_data), "--out", str(out)]
+    result = run_cli("train", *args, "--device", "cuda")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "mfu" in (out / "metrics.jsonl").read_text()
+    return out
+
+
+@pytest.mark.cuda
+def test_cuda_generate_serve_and_eval_commands(cuda_trained_model, tmp_path):
+    hf = cuda_trained_model / "hf"
+    generated = run_cli("generate", str(hf), "--prompt", "To be", "--max-new-tokens", "20", "--device", "cuda")
+    assert generated.returncode == 0 and generated.stdout.startswith("To be"), generated.stderr[-2000:]
+    hellaswag = tmp_path / "hellaswag.jsonl"
+    example = {"ctx": "To be, or not to be,", "label": 0, "endings": ["that is the question", "a b c", "x", "y"]}
+    hellaswag.write_text("\n".join(json.dumps(example) for _ in range(4)) + "\n")
+    scored = run_cli("eval", str(hf), "--task", "hellaswag", "--data", str(hellaswag), "--json", "--device", "cuda")
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    assert json.loads(scored.stdout)["examples"] == 4
+    with ServerProcess(hf, "--device", "cuda") as server:
+        body = json.dumps({"prompt": "To be", "max_tokens": 16, "temperature": 0}).encode()
+        request = urllib.request.Request(
+            server.url + "/v1/completions", body, {"Content-Type": "application/json"}, method="POST"
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answer = json.load(response)
+        assert answer["usage"]["completion_tokens"] > 0 and answer["choices"][0]["text"]
