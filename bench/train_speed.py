@@ -1,0 +1,195 @@
+"""Benchmark training: tokens/s and MFU of ours against transformers' GPT2LMHeadModel, same config, optimizer and
+precision, interleaved in one run.
+
+    python bench/train_speed.py                                  # GPT-2 124M, batch 1 x 1024, on what it finds
+    python bench/train_speed.py --drop-rate 0 0.1 --precision fp32 bf16   # the CPU table of issue 14
+    python bench/train_speed.py --batch-size 16 --compile on --out results.json   # on a GPU
+
+One training step on each side is what `gpt2scratch train` does per micro-batch: forward under autocast,
+cross-entropy, backward, gradient clipping at 1.0, a (fused) AdamW update with weight decay on the matrices.
+Both models start from the same weights; ours pads its vocabulary to a multiple of 64 (as training does), theirs
+is transformers' own GPT-2 (SDPA attention). Each round times --steps steps of every variant in turn, after
+--warmup untimed steps (compilation happens there); the table shows medians over --rounds rounds and
+ours / theirs. MFU counts 6 x parameters + attention FLOPs per token (estimates.flops_per_token) against the GPU's
+dense bf16 peak; on a CPU, against the matmul rate this script measures for the precision used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import replace
+
+import torch
+
+from gpt2scratch.config import TrainingConfig, resolve_config
+from gpt2scratch.estimates import flops_per_token
+from gpt2scratch.hf import hf_model_from_gpt
+from gpt2scratch.models import GPT
+from gpt2scratch.runtime import Runtime, gpu_peak_flops, pick_device, pick_precision
+from gpt2scratch.trainer import configure_optimizer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="gpt2", help="model shape (default: GPT-2 124M)")
+    parser.add_argument("--context", type=int, help="context length (default: the preset's)")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--drop-rate", type=float, nargs="+", default=[0.0])
+    parser.add_argument("--precision", nargs="+", default=["auto"], help="auto, fp32, bf16, fp16 (several: each)")
+    parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="auto: on for CUDA")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per variant per round")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, allocations)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-reference", action="store_true", help="ours only")
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args()
+
+    device, _ = pick_device(args.device)
+    use_compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    base = resolve_config(args.preset).model
+    if args.context:
+        base = replace(base, context_length=args.context)
+    tokens = args.batch_size * base.context_length
+    flops = flops_per_token(base)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    print(
+        f"{args.preset} ({GPT(base).num_params():,} parameters), batch {args.batch_size} x {base.context_length}, "
+        f"{name}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads, compile {use_compile}; "
+        f"medians of {args.rounds} interleaved rounds of {args.steps} steps"
+    )
+    ceilings = {}
+    variants = []
+    for precision in args.precision:
+        precision, _ = pick_precision(precision, device)
+        if device.type == "cuda":
+            ceilings[precision] = gpu_peak_flops(name)
+        else:
+            ceilings[precision] = measure_matmul_flops(device, precision)
+            print(
+                f"measured {precision} matmul rate (2048^3, {torch.get_num_threads()} threads): "
+                f"{ceilings[precision] / 1e9:,.0f} GFLOP/s"
+            )
+        for drop in args.drop_rate:
+            config = replace(base, drop_rate=drop)
+            torch.manual_seed(0)
+            ours = GPT(config, pad_vocab=64)
+            sides = {"ours": ours}
+            if not args.no_reference:
+                sides["transformers"] = hf_model_from_gpt(GPT(config)).train()
+            for side, model in sides.items():
+                variants.append(Variant(side, precision, drop, model, device, use_compile, args.batch_size))
+    for variant in variants:  # warm-up (and compilation) outside the timed rounds
+        for _ in range(args.warmup):
+            variant.step()
+    for _ in range(args.rounds):
+        for variant in variants:
+            variant.seconds.append(statistics.median(variant.step() for _ in range(args.steps)))
+
+    results = []
+    print(f"\n{'precision':>9} {'dropout':>7} {'side':>12} {'ms/step':>9} {'tok/s':>9} {'MFU':>6} {'ours/ref':>9}")
+    for variant in variants:
+        seconds = statistics.median(variant.seconds)
+        rate = tokens / seconds
+        peak = ceilings[variant.precision]
+        mfu = flops * rate / peak if peak else None
+        same = [v for v in variants if (v.precision, v.drop) == (variant.precision, variant.drop)]
+        reference = next((v for v in same if v.side == "transformers"), None)
+        ratio = statistics.median(reference.seconds) / seconds if reference and variant.side == "ours" else None
+        results.append(
+            dict(
+                side=variant.side,
+                precision=variant.precision,
+                drop_rate=variant.drop,
+                ms_per_step=seconds * 1000,
+                tokens_per_sec=rate,
+                mfu=mfu,
+                ratio=ratio,
+                peak_flops=peak,
+            )
+        )
+        print(
+            f"{variant.precision:>9} {variant.drop:>7g} {variant.side:>12} {seconds * 1000:>9.1f} {rate:>9,.0f} "
+            f"{'' if mfu is None else f'{mfu:.1%}':>6} {'' if ratio is None else f'{ratio:.2f}x':>9}"
+        )
+    peak_text = "the GPU's dense bf16 peak" if device.type == "cuda" else "the measured matmul rate of that precision"
+    print(f"(MFU: {flops / 1e6:,.0f} MFLOP per token against {peak_text})")
+    if args.out:
+        meta = dict(
+            device=name,
+            torch=torch.__version__,
+            preset=args.preset,
+            batch_size=args.batch_size,
+            context_length=base.context_length,
+            compile=use_compile,
+            rounds=args.rounds,
+            steps=args.steps,
+        )
+        with open(args.out, "w") as f:
+            json.dump({"train_speed": meta, "results": results}, f, indent=2)
+
+
+class Variant:
+    """One model in one precision: a training step as `gpt2scratch train` takes it, timed."""
+
+    def __init__(self, side, precision, drop, model, device, use_compile, batch_size):
+        self.side, self.precision, self.drop = side, precision, drop
+        self.model = model.to(device).train()
+        self.runtime = Runtime(device, precision, use_compile)
+        self.optimizer = configure_optimizer(self.model, TrainingConfig(), device)
+        self.scaler = self.runtime.grad_scaler()
+        self.forward = torch.compile(self.model) if use_compile else self.model
+        self.device = device
+        config = model.config
+        vocab, context = config.vocab_size, getattr(config, "context_length", None) or config.n_positions
+        generator = torch.Generator().manual_seed(1)
+        self.batch = torch.randint(0, vocab, (batch_size, context + 1), generator=generator)
+        self.seconds: list[float] = []
+
+    def step(self) -> float:
+        started = time.perf_counter()
+        x, y = self.runtime.to_device(self.batch[:, :-1].numpy(), self.batch[:, 1:].numpy())
+        with self.runtime.autocast():
+            if self.side == "ours":
+                _, loss = self.forward(x, y)
+            else:  # transformers shifts the labels itself: give it the whole row
+                full = torch.cat([x, y[:, -1:]], dim=1)
+                loss = self.forward(input_ids=full[:, :-1], labels=full[:, :-1]).loss
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.item()  # the trainer reads the loss every step too (and this waits for the GPU)
+        return time.perf_counter() - started
+
+
+def measure_matmul_flops(device: torch.device, precision: str, n: int = 2048, repeats: int = 5) -> float:
+    """The rate of an n x n x n matmul in `precision` on this device (best of `repeats`)."""
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - started)
+    return 2 * n**3 / best
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "CPU"
+
+
+if __name__ == "__main__":
+    main()
