@@ -296,3 +296,63 @@ def test_cuda_generate_serve_and_eval_commands(cuda_trained_model, tmp_path):
         with urllib.request.urlopen(request, timeout=60) as response:
             answer = json.load(response)
         assert answer["usage"]["completion_tokens"] > 0 and answer["choices"][0]["text"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Dropout on CPUs (models/dropout.py): PyTorch's distribution, cheaper.
+
+
+def test_cpu_dropout_keeps_one_minus_p_and_is_unbiased():
+    from gpt2scratch.models.dropout import Dropout, keep_mask
+
+    keep, scale = keep_mask((4, 1000, 1000), 0.1, torch.device("cpu"))
+    assert abs(keep.float().mean().item() - 0.9) < 1e-3 and scale == pytest.approx(1 / (1 - 6554 / 65536))
+    lanes = keep.view(-1, 4).float().mean(0)  # each 16-bit lane of a 64-bit draw keeps as often
+    assert torch.all((lanes - 0.9).abs() < 2e-3)
+    layer = Dropout(0.1).train()
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.full((4_000_000,), 3.0, dtype=dtype)
+        y = layer(x)
+        assert set(y.unique().tolist()) == {0.0, (x[0] * scale).item()}
+        assert y.float().mean().item() == pytest.approx(3.0, rel=2e-3)
+    assert torch.equal(layer.eval()(x), x)
+
+
+@pytest.mark.parametrize("T", [600, 1024])
+def test_cpu_causal_attention_with_dropout_is_attention(T):
+    """At p 0 it is causal attention (values and gradients); at p 0.1 its average over draws is too."""
+    import torch.nn.functional as F
+
+    from gpt2scratch.models.dropout import causal_attention_with_dropout
+
+    q, k, v = (torch.randn(2, 3, T, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    ours, reference = (
+        causal_attention_with_dropout(q, k, v, 0.0),
+        F.scaled_dot_product_attention(q, k, v, is_causal=True),
+    )
+    assert_close(ours, reference, rtol=1e-10, atol=1e-10)
+    ours_grads = torch.autograd.grad(ours.sum(), (q, k, v))
+    for a, b in zip(ours_grads, torch.autograd.grad(reference.sum(), (q, k, v)), strict=True):
+        assert_close(a, b, rtol=1e-10, atol=1e-10)
+    with torch.no_grad():
+        mean = torch.stack([causal_attention_with_dropout(q, k, v, 0.1) for _ in range(200)]).mean(0)
+        assert ((mean - reference).norm() / reference.norm()).item() < 0.05  # sampling noise ~0.024
+        dropped = causal_attention_with_dropout(q, k, v, 0.1)
+        assert not torch.allclose(dropped, reference)
+
+
+def test_cpu_training_with_dropout_takes_the_cheap_path(monkeypatch):
+    from gpt2scratch.models import dropout
+
+    calls = []
+    original = dropout.causal_attention_with_dropout
+    monkeypatch.setattr(
+        "gpt2scratch.models.multi_head_self_attention.causal_attention_with_dropout",
+        lambda *a, **kw: calls.append(1) or original(*a, **kw),
+    )
+    model = GPT(model_config(drop_rate=0.1)).train()
+    x = torch.randint(0, 1000, (2, 32))
+    model(x, x)[1].backward()
+    assert len(calls) == 2  # one per layer
+    model.eval()(x)
+    assert len(calls) == 2  # not in eval mode

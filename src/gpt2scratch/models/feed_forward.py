@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from gpt2scratch.config import GPTConfig
+from gpt2scratch.models.dropout import Dropout
 from gpt2scratch.models.gelu import GELU
 
 
@@ -13,7 +14,7 @@ class FeedForward(nn.Module):
         self.c_fc = nn.Linear(config.emb_dim, 4 * config.emb_dim)
         self.act = GELU()
         self.c_proj = nn.Linear(4 * config.emb_dim, config.emb_dim)  # residual projection: scaled init in gpt.py
-        self.dropout = nn.Dropout(config.drop_rate)
+        self.dropout = Dropout(config.drop_rate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.c_proj(self.act(self.c_fc(x))))

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from gpt2scratch.config import IGNORE_INDEX, GPTConfig
+from gpt2scratch.models.dropout import Dropout
 from gpt2scratch.models.kv_cache import KVCache
 from gpt2scratch.models.layer_norm import LayerNorm
 from gpt2scratch.models.transformer_block import TransformerBlock
@@ -37,7 +38,7 @@ class GPT(nn.Module):
             dict(
                 wte=nn.Embedding(config.vocab_size, config.emb_dim),
                 wpe=nn.Embedding(config.context_length, config.emb_dim),  # learned positions, trained from scratch
-                drop=nn.Dropout(config.drop_rate),
+                drop=Dropout(config.drop_rate),
                 h=nn.ModuleList(TransformerBlock(config, attn_impl) for _ in range(config.n_layers)),
                 ln_f=LayerNorm(config.emb_dim),
             )

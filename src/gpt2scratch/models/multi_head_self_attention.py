@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpt2scratch.config import GPTConfig
+from gpt2scratch.models.dropout import Dropout, causal_attention_with_dropout, uses_fast_mask
 from gpt2scratch.models.kv_cache import KVCache
 
 ATTENTION_IMPLS = ("sdpa", "reference")
@@ -32,8 +33,8 @@ class MultiHeadSelfAttention(nn.Module):
         # q, k and v in one matmul; GPT-2 names (attn.c_attn, attn.c_proj) so HF interop is a transpose.
         self.c_attn = nn.Linear(config.emb_dim, 3 * config.emb_dim, bias=config.qkv_bias)
         self.c_proj = nn.Linear(config.emb_dim, config.emb_dim)  # residual projection: scaled init in gpt.py
-        self.attn_dropout = nn.Dropout(config.drop_rate)
-        self.resid_dropout = nn.Dropout(config.drop_rate)
+        self.attn_dropout = Dropout(config.drop_rate)
+        self.resid_dropout = Dropout(config.drop_rate)
 
     def forward(
         self, x: torch.Tensor, cache: KVCache | None = None, pad_lengths: torch.Tensor | None = None
@@ -59,6 +60,8 @@ class MultiHeadSelfAttention(nn.Module):
         dropout_p = self.drop_rate if self.training else 0.0
         T = q.size(2)
         if pad_lengths is None and past == 0:  # plain causal attention: the flash / memory-efficient kernels
+            if uses_fast_mask(q, dropout_p, self.training):  # a CPU's flash kernel has no dropout
+                return causal_attention_with_dropout(q, k, v, dropout_p)
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         if pad_lengths is None and T == 1:  # one new query attends to every cached key: no mask needed
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
