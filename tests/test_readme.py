@@ -34,6 +34,7 @@ SKIPPED = {
     "pip ": "installs packages",
     "torchrun ": "needs several GPUs or nodes",
     "gpt2scratch train --preset gpt2 ": "needs a GPU and FineWeb (online)",
+    "gpt2scratch train --preset seed ": "needs a GPU and FineWeb (online)",
     "gpt2scratch import gpt2 ": "downloads GPT-2 from the hub",
     "gpt2scratch train --init-from gpt2 ": "downloads GPT-2 from the hub",
     "gpt2scratch eval gpt2 ": "downloads GPT-2 from the hub",
