@@ -218,7 +218,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     opts = options(args, GenerateOptions)
     device, _ = pick_device(opts.device)
-    loaded = loading.load(opts.model, device)
+    loaded = loading.load(opts.model, device, _dtype(opts.dtype, device))
     decoding_layout(loaded.model)
     chosen = {"max_new_tokens": opts.max_new_tokens, "temperature": opts.temperature, "top_k": opts.top_k}
     sampling = dataclasses.replace(
@@ -286,6 +286,16 @@ def cmd_import(args: argparse.Namespace) -> int:
 # serve
 
 
+def _dtype(requested: str, device) -> str:
+    """The decoding dtype `auto` resolves to, said on stderr (stdout is the command's output)."""
+    from gpt2scratch.quantization import pick_dtype
+
+    dtype, reason = pick_dtype(requested, device)
+    if requested == "auto":
+        print(f"dtype: {dtype} ({reason}; --dtype fp32|bf16|int8 to choose)", file=sys.stderr)
+    return dtype
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import torch
 
@@ -305,13 +315,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     _check_port_free(opts.host, opts.port)  # before the minutes a large model may take to load
     device, _ = pick_device(opts.device)
-    loaded = loading.load(opts.model, device)
+    loaded = loading.load(opts.model, device, _dtype(opts.dtype, device))
     if opts.threads:
         torch.set_num_threads(opts.threads)
     app = build_app(loaded, opts.model_name, opts.max_batch_size, opts.max_queue, opts.api_key)
     host = f"[{opts.host}]" if ":" in opts.host else opts.host
     print(
-        f"Serving {loaded.source} ({loaded.model.num_params():,} parameters, {device}) as "
+        f"Serving {loaded.source} ({loaded.model.num_params():,} parameters, {device}, {loaded.dtype}) as "
         f"'{app.state.model_id}': web page http://{host}:{opts.port}/ , API http://{host}:{opts.port}/v1 "
         f"(max batch {opts.max_batch_size}, queue {opts.max_queue}{', API key required' if opts.api_key else ''}). "
         "Ctrl-C stops.",

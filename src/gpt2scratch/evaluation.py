@@ -332,7 +332,7 @@ def evaluate_tasks(options) -> tuple[str, list[dict]]:
     device, _ = pick_device(options.device, local_rank)
     init_distributed(device, world_size)
     try:
-        loaded = loading.load(options.model, device)
+        loaded = loading.load(options.model, device, getattr(options, "dtype", "fp32"))
         results = []
         for task in options.task:
             if task == "val":
@@ -351,7 +351,7 @@ def evaluate_tasks(options) -> tuple[str, list[dict]]:
                     loaded.model, loaded.tokenizer, examples, options.batch_size, rank, world_size, progress=rank == 0
                 )
                 result["data"] = str(path)
-            results.append({"model": str(loaded.source), **result})
+            results.append({"model": str(loaded.source), "dtype": loaded.dtype, **result})
     finally:
         close_distributed()
     return str(loaded.source), results

@@ -32,9 +32,9 @@ def decoding_layout(model: GPT) -> GPT:
     """Store each Linear weight in-major: the (in, out) matrix contiguous, as GPT-2's Conv1D checkpoints keep it,
     with the same shape and values. On a CPU the matrix-vector products of decoding read that layout faster
     (GPT-2 124M decodes about 1.35x faster at batch 1 on this project's machine). For generation only: a
-    state_dict taken afterwards holds non-contiguous tensors. Does nothing on other devices."""
-    if model.lm_head.weight.device.type != "cpu":
-        return model
+    state_dict taken afterwards holds non-contiguous tensors. Does nothing on other devices and dtypes."""
+    if model.lm_head.weight.device.type != "cpu" or model.lm_head.weight.dtype != torch.float32:
+        return model  # (bf16 and int8 models read their row-major weights faster: quantization.py)
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.Linear):

@@ -27,6 +27,7 @@ class LoadedModel:
     config: Config  # model shape and, for a training checkpoint, its sampling defaults
     source: Path  # the folder the weights came from
     tokenizer_dir: Path
+    dtype: str = "fp32"  # what it decodes in (quantization.py)
 
 
 def resolve(path_or_name: str) -> Path:
@@ -48,7 +49,12 @@ def resolve(path_or_name: str) -> Path:
     return hf.download(path_or_name)
 
 
-def load(path_or_name: str, device: str | torch.device = "cpu") -> LoadedModel:
+def load(path_or_name: str, device: str | torch.device = "cpu", dtype: str = "fp32") -> LoadedModel:
+    """The model at `path_or_name` on `device`, in eval mode, for decoding in `dtype` (fp32, bf16, int8 or auto:
+    see quantization.py)."""
+    from gpt2scratch.quantization import apply_dtype, pick_dtype
+
+    dtype, _ = pick_dtype(dtype, torch.device(device))
     source = resolve(path_or_name)
     if (source / "state.json").is_file():
         state = checkpoint.read_state(source).state
@@ -75,8 +81,8 @@ def load(path_or_name: str, device: str | torch.device = "cpu") -> LoadedModel:
             f"the tokenizer in {tokenizer_dir} has {tokenizer.vocab_size} tokens, more than the model's "
             f"vocab_size ({config.model.vocab_size})"
         )
-    model = build(config.model, weights, device)
-    return LoadedModel(model, tokenizer, config, source, tokenizer_dir)
+    model = apply_dtype(build(config.model, weights, device), dtype)
+    return LoadedModel(model, tokenizer, config, source, tokenizer_dir, dtype)
 
 
 def build(model_config: GPTConfig, weights: dict[str, torch.Tensor], device="cpu") -> GPT:

