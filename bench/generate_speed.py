@@ -2,11 +2,13 @@
 
     python bench/generate_speed.py                 # GPT-2 124M shapes, random weights, CPU fp32
     python bench/generate_speed.py --preset tiny --rounds 5
+    python bench/generate_speed.py --dtypes fp32 int8 --batches 1
 
-Both sides decode greedily (so they do the same work, and their tokens are compared), from the same prompts,
-for --new-tokens tokens, at batch 1 and batch 8; runs are interleaved (ours, theirs, ours, ...) --rounds times
-and the medians printed, with ours / theirs as a ratio of tokens per second. No download: the weights are a
-random init of the preset's shape, loaded into both models.
+Ours decodes in each of --dtypes (fp32, bf16, int8: `generate --dtype`), transformers in fp32 (the way a user
+runs it). Both sides decode greedily (so they do the same work, and in fp32 their tokens are compared), from the
+same prompts, for --new-tokens tokens, at batch 1 and batch 8; runs are interleaved (ours, theirs, ours, ...)
+--rounds times and the medians printed, with ours / theirs as a ratio of tokens per second. No download: the
+weights are a random init of the preset's shape, loaded into every model.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from gpt2scratch.config import resolve_config
 from gpt2scratch.generation import decoding_layout, generate_ids
 from gpt2scratch.hf import hf_model_from_gpt
 from gpt2scratch.models import GPT
+from gpt2scratch.quantization import apply_dtype
 
 
 def main() -> None:
@@ -30,28 +33,42 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16", "int8"], choices=["fp32", "bf16", "int8"])
     args = parser.parse_args()
     torch.manual_seed(0)
-    ours = GPT(resolve_config(args.preset).model).eval()
-    theirs = hf_model_from_gpt(ours)
-    decoding_layout(ours)  # as `gpt2scratch generate` and `serve` do
-    vocab = ours.config.vocab_size
+    reference = GPT(resolve_config(args.preset).model).eval()
+    theirs = hf_model_from_gpt(reference)
+    ours = {}
+    for dtype in args.dtypes:  # as `gpt2scratch generate --dtype D` opens a model
+        model = GPT(reference.config).eval()
+        model.load_state_dict(reference.state_dict())
+        ours[dtype] = decoding_layout(apply_dtype(model, dtype))
+    vocab = reference.config.vocab_size
     # transformers has no rule for going past the context (position ids run out): stay within it
-    args.new_tokens = min(args.new_tokens, ours.config.context_length - args.prompt_tokens)
+    args.new_tokens = min(args.new_tokens, reference.config.context_length - args.prompt_tokens)
+    bandwidth = read_bandwidth()
+    weight_bytes = 4 * reference.num_params()
     print(
-        f"{args.preset}: {ours.num_params():,} parameters, CPU fp32, {torch.get_num_threads()} threads, "
+        f"{args.preset}: {reference.num_params():,} parameters, CPU, {torch.get_num_threads()} threads, "
         f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, greedy; medians of {args.rounds} "
-        f"interleaved rounds (torch {torch.__version__})"
+        f"interleaved rounds (torch {torch.__version__}). Read bandwidth {bandwidth / 1e9:.1f} GB/s: the fp32 "
+        f"weights ({weight_bytes / 1e6:,.0f} MB) once per step allow at most {bandwidth / weight_bytes:.1f} "
+        "steps/s (tokens/s at batch 1)"
     )
-    print(f"{'batch':>5} {'ours tok/s':>11} {'transformers tok/s':>19} {'ratio':>7}  same tokens")
+    header = "".join(f"{'ours ' + d:>11}" for d in args.dtypes)
+    ratios = "".join(f"{d + '/ref':>10}" for d in args.dtypes)
+    print(f"{'batch':>5}{header} {'transformers fp32':>18}{ratios}  fp32 same tokens")
     for batch in args.batches:
         prompts = torch.randint(0, vocab, (batch, args.prompt_tokens))
-        times: dict[str, list[float]] = {"ours": [], "theirs": []}
+        times: dict[str, list[float]] = {name: [] for name in [*args.dtypes, "theirs"]}
         same = True
         for _ in range(args.rounds):
-            started = time.perf_counter()
-            our_ids = generate_ids(ours, prompts.tolist(), args.new_tokens, temperature=0)
-            times["ours"].append(time.perf_counter() - started)
+            for dtype, model in ours.items():
+                started = time.perf_counter()
+                our_ids = generate_ids(model, prompts.tolist(), args.new_tokens, temperature=0)
+                times[dtype].append(time.perf_counter() - started)
+                if dtype == "fp32":
+                    fp32_ids = our_ids
             started = time.perf_counter()
             with torch.no_grad():
                 out = theirs.generate(
@@ -64,11 +81,25 @@ def main() -> None:
                     pad_token_id=0,
                 )
             times["theirs"].append(time.perf_counter() - started)
-            same &= out[:, args.prompt_tokens :].tolist() == our_ids
+            if "fp32" in ours:
+                same &= out[:, args.prompt_tokens :].tolist() == fp32_ids
         tokens = batch * args.new_tokens
-        ours_rate = tokens / statistics.median(times["ours"])
-        theirs_rate = tokens / statistics.median(times["theirs"])
-        print(f"{batch:>5} {ours_rate:>11.1f} {theirs_rate:>19.1f} {ours_rate / theirs_rate:>6.2f}x  {same}")
+        rates = {name: tokens / statistics.median(values) for name, values in times.items()}
+        cells = "".join(f"{rates[d]:>11.1f}" for d in args.dtypes)
+        ratio_cells = "".join(f"{rates[d] / rates['theirs']:>9.2f}x" for d in args.dtypes)
+        print(f"{batch:>5}{cells} {rates['theirs']:>18.1f}{ratio_cells}  {same if 'fp32' in ours else '-'}")
+
+
+def read_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
+    """Bytes/s that a sum over a large fp32 tensor reads (best of `repeats`), with torch's threads."""
+    data = torch.ones(megabytes * 2**20 // 4)
+    data.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - started)
+    return data.numel() * 4 / best
 
 
 if __name__ == "__main__":

@@ -181,10 +181,10 @@ def random_model(preset: str, folder: Path) -> str:
     return str(write_random_model(folder, resolve_config(preset).model))
 
 
-def start_server(model_dir: str, max_batch_size: int, max_queue: int):
+def start_server(model_dir: str, max_batch_size: int, max_queue: int, dtype: str = "fp32"):
     from gpt2scratch.testing import ServerProcess
 
-    options = ["--max-batch-size", str(max_batch_size), "--max-queue", str(max_queue)]
+    options = ["--max-batch-size", str(max_batch_size), "--max-queue", str(max_queue), "--dtype", dtype]
     return ServerProcess(model_dir, *options, "--model-name", "bench", "--device", "cpu")
 
 
@@ -253,7 +253,10 @@ def main() -> None:
     parser.add_argument("--max-queue", type=int, default=256)
     parser.add_argument("--reference-requests", type=int, default=16, help="requests timed with transformers")
     parser.add_argument("--time-limit", type=float, default=300, help="seconds per phase before new requests stop")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the three phases")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the phases")
+    parser.add_argument(
+        "--dtypes", nargs="+", default=["fp32", "bf16", "int8"], help="our server's --dtype at the full batch size"
+    )
     args = parser.parse_args()
     header = (
         f"{'':<26} {'sent':>5} {'failed':>6} {'429':>5} {'tokens':>7} {'wall s':>7} {'tok/s':>8} "
@@ -277,8 +280,11 @@ def main() -> None:
         reference = TransformersSerial(model_dir)
         servers = {}
         try:
-            for name, batch in ((f"ours, batch {args.max_batch_size}", args.max_batch_size), ("ours, batch 1", 1)):
-                servers[name] = start_server(model_dir, batch, args.max_queue)
+            for dtype in args.dtypes:
+                servers[f"ours {dtype}, batch {args.max_batch_size}"] = start_server(
+                    model_dir, args.max_batch_size, args.max_queue, dtype
+                )
+            servers["ours fp32, batch 1"] = start_server(model_dir, 1, args.max_queue)
             results: dict[str, list[Result]] = {name: [] for name in [*servers, "transformers, serial"]}
             for round_index in range(args.rounds):
                 for name, server in servers.items():

@@ -82,7 +82,7 @@ def lm_eval(root: Path, *args: str, tasks: str, output: str) -> list[dict]:
 
 def lm_eval_served(root: Path, model: Path, tasks: str, output: str) -> list[dict]:
     """lm_eval's local-completions against `gpt2scratch serve MODEL` (remote tokenizer); returns its samples."""
-    with ServerProcess(model, "--model-name", "tiny") as server:
+    with ServerProcess(model, "--model-name", "tiny", "--dtype", "fp32") as server:
         base_url = f"base_url={server.url}/v1/completions,model=tiny,tokenizer_backend=remote,num_concurrent=1"
         return lm_eval(root, "--model", "local-completions", "--model_args", base_url, tasks=tasks, output=output)
 
@@ -114,7 +114,7 @@ def test_generate_until_through_the_server_is_our_greedy_text(setup):
     for example, sample in zip(EXAMPLES, samples, strict=True):
         ctx = example["ctx"]
         result = run_cli("generate", str(model), "--prompt", ctx, "--temperature", "0", "--max-new-tokens", "12",
-                         "--stop", "\n\n")  # fmt: skip
+                         "--stop", "\n\n", "--dtype", "fp32")  # fmt: skip
         assert result.returncode == 0, result.stderr
         greedy = result.stdout[len(ctx) :].removesuffix("\n")  # generate prints the prompt, the text, a newline
         assert sample["filtered_resps"][0] == greedy, (sample["filtered_resps"], greedy)

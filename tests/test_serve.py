@@ -362,7 +362,7 @@ def test_a_request_larger_than_the_queue_is_refused(model_dir):
 
 @pytest.fixture(scope="module")
 def server(model_dir):
-    process = ServerProcess(model_dir, "--model-name", "tiny")
+    process = ServerProcess(model_dir, "--model-name", "tiny", "--dtype", "fp32")  # compared with fp32 references
     yield process
     process.stop()
 
