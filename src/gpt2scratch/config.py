@@ -114,6 +114,18 @@ class TrainingConfig:
     early_stop: int = field(
         default=0, metadata=_help("stop when val loss has not improved for N evaluations in a row (0 = off)")
     )
+    # Optimizer and schedule beyond the seed's (AdamW, warm-up + cosine).
+    optimizer: str = field(
+        default="adamw",
+        metadata=_help("adamw, or muon: Muon for the blocks' weight matrices, AdamW for embeddings, head, gains"),
+    )
+    muon_lr: float = field(
+        default=0.0, metadata=_help("peak learning rate of Muon's matrices (0 = max_lr: RMS matched to AdamW's)")
+    )
+    schedule: str = field(
+        default="cosine", metadata=_help("cosine (warm-up, cosine to min_lr) or wsd (warm-up, stable, linear to 0)")
+    )
+    decay_fraction: float = field(default=0.2, metadata=_help("wsd: the last fraction of the steps that decays"))
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "max_new_token", "log_every", "keep_last"):
@@ -141,6 +153,14 @@ class TrainingConfig:
         require_choice(self, "device", None, pattern=r"auto|cpu|mps|cuda(:\d+)?")
         require_choice(self, "precision", ("auto", "fp32", "bf16", "fp16"))
         require_choice(self, "compile", ("auto", "on", "off"))
+        require_choice(self, "optimizer", ("adamw", "muon"))
+        require_choice(self, "schedule", ("cosine", "wsd"))
+        for name in ("muon_lr", "decay_fraction"):
+            require_number(self, name)
+        if self.muon_lr < 0 or not 0 < self.decay_fraction <= 1:
+            raise ValueError(
+                f"muon_lr ({self.muon_lr}) must be >= 0 and decay_fraction ({self.decay_fraction}) in (0, 1]"
+            )
         for name in ("fsdp", "tf32", "fused_adamw", "activation_checkpointing"):
             require_bool(self, name)
         require_positive_int(self, "pad_vocab")

@@ -61,17 +61,24 @@ class Schedule:
     warmup_steps: int
     max_lr: float
     min_lr: float
+    schedule: str = "cosine"
+    decay_fraction: float = 0.2
 
     @classmethod
     def from_training(cls, t: TrainingConfig) -> Schedule:
-        return cls(t.max_steps, t.warmup_steps, t.max_lr, t.min_lr)
+        return cls(t.max_steps, t.warmup_steps, t.max_lr, t.min_lr, t.schedule, t.decay_fraction)
 
 
 def lr_at(step: int, schedule: Schedule | TrainingConfig) -> float:
-    """The seed's schedule: linear warm-up to max_lr over warmup_steps, cosine decay to min_lr at max_steps."""
+    """The seed's schedule: linear warm-up to max_lr over warmup_steps, cosine decay to min_lr at max_steps.
+    `wsd` (warm-up, stable, decay, as the speedruns use): max_lr after the warm-up until the last decay_fraction
+    of the steps, then linear to 0 at max_steps."""
     s = schedule
     if step < s.warmup_steps:
         return s.max_lr * (step + 1) / s.warmup_steps
+    if s.schedule == "wsd":
+        decay_steps = max(1, round(s.decay_fraction * s.max_steps))
+        return s.max_lr * min(1.0, max(0.0, (s.max_steps - step) / decay_steps))
     if step >= s.max_steps or s.max_steps == s.warmup_steps:
         return s.min_lr
     decay_ratio = (step - s.warmup_steps) / (s.max_steps - s.warmup_steps)
@@ -79,9 +86,26 @@ def lr_at(step: int, schedule: Schedule | TrainingConfig) -> float:
     return s.min_lr + coeff * (s.max_lr - s.min_lr)
 
 
-def configure_optimizer(model: torch.nn.Module, training: TrainingConfig, device: torch.device):
+def configure_optimizers(model: torch.nn.Module, training: TrainingConfig, device: torch.device) -> list:
+    """[AdamW] (configure_optimizer), or for `--optimizer muon`: [Muon for the blocks' weight matrices, AdamW for
+    the rest]. Muon (PyTorch's) orthogonalises each matrix's momentum (Newton-Schulz); with "match_rms_adamw" its
+    update has AdamW's RMS, so it takes AdamW's learning rate and weight decay (muon_lr 0 = max_lr). Each group's
+    `lr_scale` is its peak over max_lr: the schedule sets lr = lr_at(step) x lr_scale."""
+    if training.optimizer == "adamw":
+        return [configure_optimizer(model, training, device)]
+    matrices = [p for name, p in model.named_parameters() if p.dim() == 2 and name.startswith("transformer.h.")]
+    chosen = {id(p) for p in matrices}
+    muon_lr = training.muon_lr or training.max_lr
+    muon = torch.optim.Muon(matrices, lr=muon_lr, weight_decay=training.weight_decay, adjust_lr_fn="match_rms_adamw")
+    muon.param_groups[0]["lr_scale"] = muon_lr / training.max_lr
+    return [muon, configure_optimizer(model, training, device, exclude=chosen)]
+
+
+def configure_optimizer(
+    model: torch.nn.Module, training: TrainingConfig, device: torch.device, exclude: set[int] = frozenset()
+):
     """AdamW; weight decay on matrices (dim >= 2: linear weights, embeddings), not on biases and LayerNorm."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in exclude]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": training.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
@@ -123,7 +147,12 @@ class Trainer:
         if init_weights is not None:  # fine-tuning: start from these weights (a tied head follows wte)
             self.raw_model.load_state_dict(init_weights)
         shard(self.raw_model, runtime, t.fsdp)
-        self.optimizer = configure_optimizer(self.raw_model, t, runtime.device)
+        if t.optimizer == "muon" and t.fsdp:
+            raise ValueError(
+                "--optimizer muon needs each weight matrix whole, and FSDP2 shards them across ranks: use DDP "
+                "(leave out --fsdp) or --optimizer adamw"
+            )
+        self.optimizers = configure_optimizers(self.raw_model, t, runtime.device)
         self.scaler = runtime.grad_scaler()
         self.loader = data.train_loader()
         self.tokenizer = Tokenizer(data.tokenizer_dir())
@@ -204,8 +233,9 @@ class Trainer:
         started = time.perf_counter()
         self.model.train()
         lr = lr_at(self.step, self.schedule)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group.get("lr_scale", 1.0)
         loss_sum = torch.zeros((), device=runtime.device)
         for micro_step in range(self.accumulation):
             x, y = runtime.to_device(*self.loader.next_batch())
@@ -217,7 +247,8 @@ class Trainer:
         if runtime.distributed:
             all_reduce(loss_sum)
             loss_sum /= runtime.world_size
-        self.scaler.unscale_(self.optimizer)
+        for optimizer in self.optimizers:
+            self.scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), t.grad_clip or float("inf"))
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
             grad_norm = grad_norm.full_tensor()
@@ -227,9 +258,10 @@ class Trainer:
             self._skip_step(train_loss, grad_norm)
         else:
             self.bad_steps = 0
-            self.scaler.step(self.optimizer)
+            for optimizer in self.optimizers:
+                self.scaler.step(optimizer)
             self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        self._zero_grad()
         if runtime.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - started
@@ -262,8 +294,12 @@ class Trainer:
             log.warning(f"torch.compile failed ({type(error).__name__}: {error}); continuing without it")
             self.compiled = False
             self.model = wrap(self.raw_model, self.runtime, self.config.training.fsdp, compile=False)
-            self.optimizer.zero_grad(set_to_none=True)
+            self._zero_grad()
             return self.model(x, y)
+
+    def _zero_grad(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
 
     def _gradient_sync(self, sync: bool):
         """Skip the gradient all-reduce on all but the last micro-step of an accumulation."""
@@ -321,13 +357,14 @@ class Trainer:
     def rehearsal(self):
         """Steps and evaluations run inside leave no trace: weights, optimizer, loader and RNG are put back."""
         model_state = copy.deepcopy(self.raw_model.state_dict())
-        optimizer_state = copy.deepcopy(self.optimizer.state_dict())
+        optimizer_states = [copy.deepcopy(optimizer.state_dict()) for optimizer in self.optimizers]
         loader_state, rng_state = self.loader.state_dict(), torch.get_rng_state()
         try:
             yield
         finally:
             self.raw_model.load_state_dict(model_state)
-            self.optimizer.load_state_dict(optimizer_state)
+            for optimizer, state in zip(self.optimizers, optimizer_states, strict=True):
+                optimizer.load_state_dict(state)
             self.loader.load_state_dict(loader_state)
             torch.set_rng_state(rng_state)
 
@@ -391,7 +428,7 @@ class Trainer:
             "world_size": self.runtime.world_size,
             "history": self.history,
         }
-        self.checkpointer.save(self.step, self.raw_model, self.optimizer, self.scaler, state, self.best_step)
+        self.checkpointer.save(self.step, self.raw_model, self.optimizers, self.scaler, state, self.best_step)
 
     def _weights_finite(self) -> bool:
         """Every weight finite, on every rank (each checks its own shard under FSDP)."""
@@ -410,7 +447,7 @@ class Trainer:
                 f"{ckpt.path} was trained with {ckpt.state['tokens_per_step']} tokens per step, this run has "
                 f"{self.tokens_per_step}; resume with the same batch settings"
             )
-        self.checkpointer.restore(ckpt, self.raw_model, self.optimizer, self.scaler)
+        self.checkpointer.restore(ckpt, self.raw_model, self.optimizers, self.scaler)
         self.loader.load_state_dict(ckpt.state["loader"])
         self.step = ckpt.step
         self.best_val_loss = ckpt.state["best_val_loss"] if ckpt.state["best_val_loss"] is not None else math.inf
@@ -432,5 +469,5 @@ class Trainer:
         log.info(
             f"{self.tokens_per_step:,} tokens per step = micro-batch {t.batch_size} x {m.context_length} x "
             f"{self.runtime.world_size} rank(s) x {self.accumulation} accumulation; "
-            f"steps {self.step} -> {self.schedule.max_steps}"
+            f"steps {self.step} -> {self.schedule.max_steps}; {t.optimizer}, {t.schedule} schedule"
         )
