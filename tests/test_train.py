@@ -416,7 +416,8 @@ def test_resume_from_a_named_checkpoint_when_the_latest_is_damaged(data_dir, tmp
 def test_non_finite_weights_are_never_checkpointed(data_dir, tmp_path):
     """An update that leaves NaN in the weights while the loss is still finite: no checkpoint holds it."""
     trainer = make_trainer(make_config(data_dir, max_steps=10, save_every=1, keep_last=10), tmp_path)
-    real_step = trainer.optimizer.step
+    optimizer = trainer.optimizers[0]  # AdamW (the config's optimizer)
+    real_step = optimizer.step
 
     def exploding_step(*args, **kwargs):
         result = real_step(*args, **kwargs)
@@ -425,7 +426,7 @@ def test_non_finite_weights_are_never_checkpointed(data_dir, tmp_path):
                 trainer.raw_model.transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")
         return result
 
-    trainer.optimizer.step = exploding_step
+    optimizer.step = exploding_step
     with pytest.raises(TrainingError, match="the weights are not finite at step 3: the run diverged"):
         trainer.fit()
     assert checkpoint.latest(tmp_path / "ckpt").name == "step_000002"
