@@ -1,9 +1,7 @@
 """`--optimizer muon` (Muon for the blocks' matrices, AdamW for the rest) and `--schedule wsd`: the split, the
 schedule's shape, exact resume and two torchrun ranks equal to one, as for AdamW."""
 
-import json
 import math
-import shutil
 
 import pytest
 import torch
@@ -13,7 +11,8 @@ from gpt2scratch.config import Config, GPTConfig, TrainingConfig, resolve_config
 from gpt2scratch.dataset.data_module import DataModule
 from gpt2scratch.models import GPT
 from gpt2scratch.runtime import Runtime
-from gpt2scratch.testing import run_cli, torchrun
+from gpt2scratch.testing import copy_checkpoint, run_cli, torchrun
+from gpt2scratch.testing import read_metrics as metrics
 from gpt2scratch.trainer import Trainer, configure_optimizers, lr_at
 
 
@@ -23,11 +22,6 @@ def make_config(data_dir, **training) -> Config:
     values = dict(tokens_per_step=0, batch_size=4, warmup_steps=2, max_steps=20, eval_every=10, sample_every=0)
     values.update(optimizer="muon", schedule="wsd", **training)
     return Config(model, TrainingConfig(**values), config.data)
-
-
-def metrics(run_dir, key="train_loss") -> dict[int, float]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r[key] for r in map(json.loads, lines) if key in r}
 
 
 def fit(config: Config, run_dir, resume=False) -> Trainer:
@@ -63,8 +57,7 @@ def test_muon_learns_and_resumes_bit_for_bit(hamlet_data, tmp_path):
     """N steps == N/2 + resume + N/2 with Muon + WSD and dropout: both optimizers' states are checkpointed."""
     config = make_config(hamlet_data, save_every=10, keep_last=5)
     fit(config, tmp_path / "full")
-    (tmp_path / "half" / "ckpt").mkdir(parents=True)
-    shutil.copytree(tmp_path / "full" / "ckpt" / "step_000010", tmp_path / "half" / "ckpt" / "step_000010")
+    copy_checkpoint(tmp_path / "full", tmp_path / "half", 10)
     fit(config, tmp_path / "half", resume=True)
     full, half = metrics(tmp_path / "full"), metrics(tmp_path / "half")
     assert [half[s] for s in range(11, 21)] == [full[s] for s in range(11, 21)]

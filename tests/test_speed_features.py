@@ -7,7 +7,6 @@ at the end cover what only a GPU run shows: a bit-exact resume there, the KV cac
 """
 
 import json
-import shutil
 import urllib.request
 
 import pytest
@@ -21,7 +20,8 @@ from gpt2scratch.generation import generate_ids
 from gpt2scratch.hf import export_folder
 from gpt2scratch.models import GPT
 from gpt2scratch.runtime import Runtime, setup_runtime
-from gpt2scratch.testing import ServerProcess, run_cli
+from gpt2scratch.testing import ServerProcess, copy_checkpoint, run_cli
+from gpt2scratch.testing import read_metrics as losses
 from gpt2scratch.trainer import Trainer
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
@@ -42,11 +42,6 @@ def train(config: Config, run_dir, resume=False) -> tuple[Trainer, list[float]]:
     trainer = Trainer(config, run_dir, runtime, data, resume=resume)
     trainer.fit()
     return trainer, list(losses(run_dir).values())
-
-
-def losses(run_dir, key="train_loss") -> dict[int, float]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r[key] for r in map(json.loads, lines) if key in r}
 
 
 def model_config(**overrides) -> GPTConfig:
@@ -240,8 +235,7 @@ def test_cuda_resume_is_bit_for_bit(hamlet_data, tmp_path):
         hamlet_data, drop_rate=0.1, device="cuda", precision="bf16", compile="off", max_steps=12, save_every=6
     )
     train(config, tmp_path / "full")
-    (tmp_path / "half" / "ckpt").mkdir(parents=True)
-    shutil.copytree(tmp_path / "full" / "ckpt" / "step_000006", tmp_path / "half" / "ckpt" / "step_000006")
+    copy_checkpoint(tmp_path / "full", tmp_path / "half", 6)
     train(config, tmp_path / "half", resume=True)
     full, half = losses(tmp_path / "full"), losses(tmp_path / "half")
     assert [half[s] for s in range(7, 13)] == [full[s] for s in range(7, 13)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -54,6 +55,19 @@ def write_random_model(folder: str | Path, config: GPTConfig, seed: int = 0, hea
     state = {"step": 0, "config": Config(model=config, training=TrainingConfig()).to_dict()}
     checkpoint.write_model_folder(folder, model.state_dict(), state, GPT2_DIR)
     return Path(folder)
+
+
+def read_metrics(run_dir: str | Path, key: str = "train_loss") -> dict[int, float]:
+    """{step: value} of `key` from a run's metrics.jsonl."""
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r[key] for r in map(json.loads, lines) if key in r}
+
+
+def copy_checkpoint(from_run: str | Path, to_run: str | Path, step: int) -> None:
+    """RUN/ckpt/step_N of one run into another (empty) run folder, for a resume from it."""
+    name = f"step_{step:06d}"
+    (Path(to_run) / checkpoint.CKPT_DIR).mkdir(parents=True)
+    shutil.copytree(Path(from_run) / checkpoint.CKPT_DIR / name, Path(to_run) / checkpoint.CKPT_DIR / name)
 
 
 def free_port() -> int:

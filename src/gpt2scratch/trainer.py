@@ -139,6 +139,8 @@ class Trainer:
         self.accumulation = t.tokens_per_step // micro_tokens if t.tokens_per_step else 1
         self.tokens_per_step = micro_tokens * self.accumulation
         self.schedule = Schedule.from_training(t)
+        peak = runtime.peak_flops()  # MFU = tokens/s x FLOPs per token / peak FLOP/s (None: no MFU)
+        self.flops_per_peak = None if peak is None else flops_per_token(config.model) / peak
         self.budget: TimeBudget | None = None  # set by fit() when the run has a time budget
 
         torch.manual_seed(t.seed)  # the same initial weights on every rank
@@ -274,9 +276,8 @@ class Trainer:
             "dt_ms": dt * 1000,
             "tokens_per_sec": self.tokens_per_step / dt,
         }
-        peak = runtime.peak_flops()
-        if peak is not None:
-            record["mfu"] = flops_per_token(self.config.model) * record["tokens_per_sec"] / peak
+        if self.flops_per_peak is not None:
+            record["mfu"] = record["tokens_per_sec"] * self.flops_per_peak
         return record
 
     def _forward(self, x: torch.Tensor, y: torch.Tensor):
