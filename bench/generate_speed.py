@@ -2,10 +2,11 @@
 
     python bench/generate_speed.py                 # GPT-2 124M shapes, random weights, CPU fp32
     python bench/generate_speed.py --preset tiny --rounds 5
-    python bench/generate_speed.py --dtypes fp32 int8 --batches 1
+    python bench/generate_speed.py --dtypes fp32 int8 int8+compile --batches 1
 
-Ours decodes in each of --dtypes (fp32, bf16, int8: `generate --dtype`), transformers in fp32 (the way a user
-runs it). Both sides decode greedily (so they do the same work, and in fp32 their tokens are compared), from the
+Ours decodes in each of --dtypes (fp32, bf16, int8: `generate --dtype`; D+compile: `generate --dtype D
+--compile`, whose compilation runs before the timed rounds and is reported apart), transformers in fp32 (the way
+a user runs it). Both sides decode greedily (so they do the same work, and in fp32 their tokens are compared), from the
 same prompts, for --new-tokens tokens, at batch 1 and batch 8; runs are interleaved (ours, theirs, ours, ...)
 --rounds times and the medians printed, with ours / theirs as a ratio of tokens per second. No download: the
 weights are a random init of the preset's shape, loaded into every model.
@@ -20,7 +21,7 @@ import time
 import torch
 
 from gpt2scratch.config import resolve_config
-from gpt2scratch.generation import decoding_layout, generate_ids
+from gpt2scratch.generation import compile_decoding, decoding_layout, generate_ids
 from gpt2scratch.hf import hf_model_from_gpt
 from gpt2scratch.models import GPT
 from gpt2scratch.quantization import apply_dtype
@@ -33,16 +34,22 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16", "int8"], choices=["fp32", "bf16", "int8"])
+    variants = ["fp32", "bf16", "int8", "fp32+compile", "bf16+compile", "int8+compile"]
+    parser.add_argument(
+        "--dtypes", nargs="+", default=["fp32", "bf16", "int8", "bf16+compile", "int8+compile"], choices=variants
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     reference = GPT(resolve_config(args.preset).model).eval()
     theirs = hf_model_from_gpt(reference)
     ours = {}
-    for dtype in args.dtypes:  # as `gpt2scratch generate --dtype D` opens a model
+    for variant in args.dtypes:  # as `gpt2scratch generate --dtype D [--compile]` opens a model
+        dtype, _, compiled = variant.partition("+")
         model = GPT(reference.config).eval()
         model.load_state_dict(reference.state_dict())
-        ours[dtype] = decoding_layout(apply_dtype(model, dtype))
+        ours[variant] = decoding_layout(apply_dtype(model, dtype))
+        if compiled:
+            compile_decoding(model)
     vocab = reference.config.vocab_size
     # transformers has no rule for going past the context (position ids run out): stay within it
     args.new_tokens = min(args.new_tokens, reference.config.context_length - args.prompt_tokens)
@@ -55,18 +62,25 @@ def main() -> None:
         f"weights ({weight_bytes / 1e6:,.0f} MB) once per step allow at most {bandwidth / weight_bytes:.1f} "
         "steps/s (tokens/s at batch 1)"
     )
-    header = "".join(f"{'ours ' + d:>11}" for d in args.dtypes)
-    ratios = "".join(f"{d + '/ref':>10}" for d in args.dtypes)
+    header = "".join(f"{'ours ' + d:>{width(d)}}" for d in args.dtypes)
+    ratios = "".join(f"{d + '/ref':>{width(d) + 3}}" for d in args.dtypes)
     print(f"{'batch':>5}{header} {'transformers fp32':>18}{ratios}  fp32 same tokens")
     for batch in args.batches:
         prompts = torch.randint(0, vocab, (batch, args.prompt_tokens))
+        for variant, model in ours.items():
+            if "+compile" in variant:  # compile (or load inductor's cache) before the timed rounds
+                started = time.perf_counter()
+                generate_ids(model, prompts.tolist(), 4, temperature=0)
+                print(f"  {variant}, batch {batch}: compiled in {time.perf_counter() - started:.0f} s", flush=True)
         times: dict[str, list[float]] = {name: [] for name in [*args.dtypes, "theirs"]}
         same = True
+        ids: dict[str, list[list[int]]] = {}
         for _ in range(args.rounds):
             for dtype, model in ours.items():
                 started = time.perf_counter()
                 our_ids = generate_ids(model, prompts.tolist(), args.new_tokens, temperature=0)
                 times[dtype].append(time.perf_counter() - started)
+                ids[dtype] = our_ids
                 if dtype == "fp32":
                     fp32_ids = our_ids
             started = time.perf_counter()
@@ -85,9 +99,22 @@ def main() -> None:
                 same &= out[:, args.prompt_tokens :].tolist() == fp32_ids
         tokens = batch * args.new_tokens
         rates = {name: tokens / statistics.median(values) for name, values in times.items()}
-        cells = "".join(f"{rates[d]:>11.1f}" for d in args.dtypes)
-        ratio_cells = "".join(f"{rates[d] / rates['theirs']:>9.2f}x" for d in args.dtypes)
+        cells = "".join(f"{rates[d]:>{width(d)}.1f}" for d in args.dtypes)
+        ratio_cells = "".join(f"{rates[d] / rates['theirs']:>{width(d) + 2}.2f}x" for d in args.dtypes)
         print(f"{batch:>5}{cells} {rates['theirs']:>18.1f}{ratio_cells}  {same if 'fp32' in ours else '-'}")
+        for variant in ids:  # greedy tokens of a compiled step against the same dtype eager (near-ties may differ)
+            eager = ids.get(variant.partition("+")[0]) if "+compile" in variant else None
+            if eager is not None:
+                pairs = [(a, b) for x, y in zip(ids[variant], eager, strict=True) for a, b in zip(x, y, strict=True)]
+                agree = sum(a == b for a, b in pairs) / len(pairs)
+                print(
+                    f"  batch {batch}: {variant} greedy tokens equal to eager {variant.partition('+')[0]}'s: "
+                    f"{agree:.1%}"
+                )
+
+
+def width(variant: str) -> int:
+    return max(11, len(variant) + 6)
 
 
 def read_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:

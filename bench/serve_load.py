@@ -181,11 +181,15 @@ def random_model(preset: str, folder: Path) -> str:
     return str(write_random_model(folder, resolve_config(preset).model))
 
 
-def start_server(model_dir: str, max_batch_size: int, max_queue: int, dtype: str = "fp32"):
+def start_server(model_dir: str, max_batch_size: int, max_queue: int, variant: str = "fp32"):
+    """`gpt2scratch serve` with --dtype D, or with --dtype D --compile for a variant "D+compile"."""
     from gpt2scratch.testing import ServerProcess
 
+    dtype, _, compiled = variant.partition("+")
     options = ["--max-batch-size", str(max_batch_size), "--max-queue", str(max_queue), "--dtype", dtype]
-    return ServerProcess(model_dir, *options, "--model-name", "bench", "--device", "cpu")
+    options += ["--compile"] if compiled else []
+    start_timeout = 900 if compiled else 120  # compiling the decoding steps takes minutes on a first run
+    return ServerProcess(model_dir, *options, "--model-name", "bench", "--device", "cpu", start_timeout=start_timeout)
 
 
 class TransformersSerial:
@@ -255,7 +259,10 @@ def main() -> None:
     parser.add_argument("--time-limit", type=float, default=300, help="seconds per phase before new requests stop")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the phases")
     parser.add_argument(
-        "--dtypes", nargs="+", default=["fp32", "bf16", "int8"], help="our server's --dtype at the full batch size"
+        "--dtypes",
+        nargs="+",
+        default=["fp32", "bf16", "int8", "bf16+compile", "int8+compile"],
+        help="our server's --dtype at the full batch size (D+compile: --dtype D --compile)",
     )
     args = parser.parse_args()
     header = (
@@ -280,9 +287,9 @@ def main() -> None:
         reference = TransformersSerial(model_dir)
         servers = {}
         try:
-            for dtype in args.dtypes:
-                servers[f"ours {dtype}, batch {args.max_batch_size}"] = start_server(
-                    model_dir, args.max_batch_size, args.max_queue, dtype
+            for variant in args.dtypes:  # one after the other: compiling ones would slow each other down
+                servers[f"ours {variant}, batch {args.max_batch_size}"] = start_server(
+                    model_dir, args.max_batch_size, args.max_queue, variant
                 )
             servers["ours fp32, batch 1"] = start_server(model_dir, 1, args.max_queue)
             results: dict[str, list[Result]] = {name: [] for name in [*servers, "transformers, serial"]}
@@ -303,6 +310,10 @@ def main() -> None:
         reference_rate = rates.pop("transformers, serial")
         for name, rate in rates.items():
             print(f"{name} / transformers serial: {rate / reference_rate:.2f}x tokens/s")
+        fp32 = rates.get(f"ours fp32, batch {args.max_batch_size}")
+        for name, rate in rates.items():
+            if fp32 and name.startswith("ours") and "batch 1" not in name:
+                print(f"{name} / ours fp32, batch {args.max_batch_size}: {rate / fp32:.2f}x tokens/s")
         sys.exit(1 if any(r.failed for rounds in results.values() for r in rounds) else 0)
 
 

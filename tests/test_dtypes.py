@@ -10,8 +10,8 @@ import torch
 
 from gpt2scratch import loading
 from gpt2scratch.dataset.dataset import TokenSplit
-from gpt2scratch.generation import generate_ids
-from gpt2scratch.quantization import Int8Linear, pick_dtype
+from gpt2scratch.generation import compile_decoding, decoding_step, generate_ids
+from gpt2scratch.quantization import Int8Linear, apply_dtype, pick_dtype
 from gpt2scratch.testing import run_cli
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -86,15 +86,86 @@ def test_eval_reports_its_dtype(trained, hamlet_data):
     assert results["int8"]["loss"] == pytest.approx(results["fp32"]["loss"], rel=0.02)
 
 
-def test_serve_with_int8_weights(trained):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compile"])
+def test_serve_with_int8_weights(trained, compiled):
     import urllib.request
 
     from gpt2scratch.testing import ServerProcess
 
-    with ServerProcess(trained, "--dtype", "int8") as server:
-        body = json.dumps({"prompt": "To be", "max_tokens": 8, "temperature": 0}).encode()
+    loaded = loading.load(str(trained), dtype="int8")
+    expected = loaded.tokenizer.decode(
+        generate_ids(loaded.model, [loaded.tokenizer.encode("To be")], 8, temperature=0)[0]
+    )
+    options = ("--dtype", "int8", "--compile") if compiled else ("--dtype", "int8")
+    with ServerProcess(trained, *options, start_timeout=600) as server:
+        body = json.dumps({"prompt": "To be", "max_tokens": 8, "temperature": 0, "n": 2}).encode()
         request = urllib.request.Request(server.url + "/v1/completions", body, {"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=60) as response:
+        with urllib.request.urlopen(request, timeout=120) as response:
             answer = json.load(response)
-        assert answer["usage"]["completion_tokens"] == 8
+        assert answer["usage"]["completion_tokens"] == 16
+        assert [choice["text"] for choice in answer["choices"]] == [expected, expected]
     assert "int8" in server.output()  # the startup line names the dtype
+    assert ("compiled in" in server.output()) == compiled  # --compile compiles before the server listens
+
+
+def step_logits(model, step, sequence: list[int], prompt_length: int) -> torch.Tensor:
+    """The next-token logits of each decoding step along `sequence`: its prompt at once, then one token at a time."""
+    ids = torch.tensor([sequence])
+    caches = model.new_kv_caches()
+    with torch.no_grad():
+        logits, _ = step(ids[:, :prompt_length], caches=caches)
+        rows = [logits[0, -1]]
+        for t in range(prompt_length, len(sequence) - 1):
+            logits, _ = step(ids[:, t : t + 1], caches=caches)
+            rows.append(logits[0, -1])
+    return torch.stack(rows)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["bf16", "int8"])
+def test_compiled_decoding_follows_eager(trained, dtype):
+    """--compile (inductor's C++ GEMM templates on frozen weights) computes the eager model's logits, step by step
+    along one sequence, and decodes its greedy tokens; int8 also for a second model of the same shapes and in
+    batches of prompts."""
+    eager = loading.load(str(trained), dtype=dtype)
+    compiled = compile_decoding(loading.load(str(trained), dtype=dtype).model)
+    prompt = eager.tokenizer.encode("To be, or not to be, that is the question")
+    new = generate_ids(eager.model, [prompt], 24, temperature=0)[0]
+    expected = step_logits(eager.model, eager.model, prompt + new, len(prompt))
+    got = step_logits(compiled, decoding_step(compiled), prompt + new, len(prompt))
+    assert not compiled.compiled_decoding.failed
+    error = ((got - expected).abs().max() / expected.abs().max()).item()
+    print(f"{dtype}: largest logit difference, compiled vs eager: {error:.2e} of the largest logit")
+    assert error < 1e-2
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+    assert generate_ids(compiled, [prompt], 24, temperature=0)[0] == new
+    if dtype == "bf16":
+        return
+    # A second model of the same shapes, other weights, compiled in the same process: its own weights are used
+    # (inductor freezes weights into compiled graphs, which its graph cache would otherwise hand to the second).
+    other = loading.load(str(trained), dtype="fp32").model
+    with torch.no_grad():
+        for parameter in other.parameters():
+            parameter.mul_(0.9)
+    apply_dtype(other, dtype)
+    expected_other = step_logits(other, other, prompt + new, len(prompt))
+    got_other = step_logits(other, decoding_step(compile_decoding(other)), prompt + new, len(prompt))
+    assert ((got_other - expected_other).abs().max() / expected_other.abs().max()).item() < 1e-2
+    assert torch.equal(step_logits(compiled, decoding_step(compiled), prompt + new, len(prompt)), got)
+    # batches (padded, and not) are graphs of their own
+    prompts = [prompt, eager.tokenizer.encode("Hamlet:")]
+    expected_rows = generate_ids(eager.model, prompts, 12, temperature=0)
+    assert generate_ids(compiled, prompts, 12, temperature=0) == expected_rows
+    assert generate_ids(compiled, prompts[:1] * 2, 12, temperature=0) == [new[:12]] * 2
+
+
+def test_compile_failure_decodes_eagerly(trained, capsys):
+    """Where inductor cannot compile (here: no C++ compiler), --compile says so once and decodes as without it."""
+    eager = loading.load(str(trained), dtype="int8")
+    model = compile_decoding(loading.load(str(trained), dtype="int8").model)
+    broken = {"cpp.cxx": ("/nonexistent/c++",), "force_disable_caches": True}  # (a cached build would not fail)
+    model.compiled_decoding.inductor = {**model.compiled_decoding.inductor, **broken}
+    prompt = [eager.tokenizer.encode("To be")]
+    assert generate_ids(model, prompt, 8, temperature=0) == generate_ids(eager.model, prompt, 8, temperature=0)
+    assert model.compiled_decoding.failed
+    assert capsys.readouterr().err.count("compiling the decoding step failed") == 1

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import sys
+import time
 from typing import Any
 
 from gpt2scratch import __version__
@@ -213,13 +214,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from gpt2scratch import loading
-    from gpt2scratch.generation import decoding_layout, stream_text
+    from gpt2scratch.generation import compile_decoding, decoding_layout, stream_text
     from gpt2scratch.runtime import pick_device
 
     opts = options(args, GenerateOptions)
     device, _ = pick_device(opts.device)
     loaded = loading.load(opts.model, device, _dtype(opts.dtype, device))
     decoding_layout(loaded.model)
+    if opts.compile:
+        compile_decoding(loaded.model)
+        print("compiling the decoding step on first use (--compile; cached for later runs)", file=sys.stderr)
     chosen = {"max_new_tokens": opts.max_new_tokens, "temperature": opts.temperature, "top_k": opts.top_k}
     sampling = dataclasses.replace(
         Sampling.from_training(loaded.config.training),
@@ -318,6 +322,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     loaded = loading.load(opts.model, device, _dtype(opts.dtype, device))
     if opts.threads:
         torch.set_num_threads(opts.threads)
+    if opts.compile:
+        from gpt2scratch.generation import compile_decoding, warm_up_decoding
+
+        print("compiling the decoding steps (--compile; cached for later runs) ...", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        warm_up_decoding(compile_decoding(loaded.model))
+        print(f"compiled in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     app = build_app(loaded, opts.model_name, opts.max_batch_size, opts.max_queue, opts.api_key)
     host = f"[{opts.host}]" if ":" in opts.host else opts.host
     print(

@@ -18,6 +18,8 @@ max_new_tokens.
 from __future__ import annotations
 
 import codecs
+import sys
+import types
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -40,6 +42,88 @@ def decoding_layout(model: GPT) -> GPT:
             if isinstance(module, torch.nn.Linear):
                 module.weight.data = module.weight.data.t().contiguous().t()
     return model
+
+
+# Inductor settings for the decoding step on a CPU: the weights become constants (freezing), so that its C++
+# GEMM template can pack them once and read them at close to memory bandwidth; that template (AMX / AVX-512 micro
+# kernels, int8 weight-only included) is only used under max_autotune, and with "CPP" alone no alternative is
+# timed at compile time. About 2x faster than eager for a bf16 or int8 GPT-2 124M step at batch 1 on this
+# project's machines (python bench/generate_speed.py). Inductor's FX graph cache is off: it would hand a second
+# model of the same shapes (in this process or a later one) the compiled graph of the first, in which the first's
+# weights are frozen.
+CPU_DECODING_INDUCTOR = {
+    "freezing": True,
+    "max_autotune": True,
+    "max_autotune_gemm_backends": "CPP",
+    "fx_graph_cache": False,
+}
+
+
+class CompiledDecoding:
+    """A model's decoding forward pass, `model(idx, caches=..., pad_lengths=...)` (the prompt, then one token at a
+    time), compiled with torch.compile (inductor) on first use, with dynamic shapes so that one graph serves every
+    prompt or cache length and batch size (a prompt and a single token, batch 1 and padded batches are graphs of
+    their own). Where compiling fails (no C++ compiler, an unsupported device), it says so on stderr once and
+    decodes eagerly."""
+
+    def __init__(self, model: GPT):
+        self.model = model
+        # Dynamo keeps compiled graphs per code object, at most torch._dynamo.config.recompile_limit of them (then
+        # it runs eagerly): a copy of _decode's code for each model gives each model its own.
+        own = types.FunctionType(_decode.__code__.replace(co_name=f"decode_{id(model):x}"), _decode.__globals__)
+        self.compiled = torch.compile(own, dynamic=True)
+        on_cpu = model.lm_head.weight.device.type == "cpu"
+        self.inductor = CPU_DECODING_INDUCTOR if on_cpu else {}
+        self.failed = False
+
+    def __call__(self, idx: torch.Tensor, caches, pad_lengths: torch.Tensor | None = None):
+        if caches[0].length == 0:
+            self.model.check_input(idx)  # what the eager forward checks of a prompt (compiled code skips it)
+        if pad_lengths is None and idx.size(0) > 1:  # one graph for batches padded or not (zeros: no padding)
+            pad_lengths = torch.zeros(idx.size(0), dtype=torch.long, device=idx.device)
+        if not self.failed:
+            from torch._dynamo.exc import TorchDynamoException  # what compiling raises (the model's errors pass)
+
+            try:
+                with torch._inductor.config.patch(self.inductor):
+                    return self.compiled(self.model, idx, caches, pad_lengths)
+            except TorchDynamoException as error:
+                self.failed = True
+                reason = (str(error).strip() or type(error).__name__).splitlines()[0][:300]
+                print(
+                    f"warning: --compile: compiling the decoding step failed ({reason}); decoding without it",
+                    file=sys.stderr,
+                )
+        return self.model(idx, caches=caches, pad_lengths=pad_lengths)
+
+
+def _decode(model: GPT, idx: torch.Tensor, caches, pad_lengths: torch.Tensor | None):
+    return model(idx, caches=caches, pad_lengths=pad_lengths)
+
+
+def compile_decoding(model: GPT) -> GPT:
+    """Make the model's decoding steps (stream_tokens, the server) run compiled (CompiledDecoding); returns it.
+    The first step compiles (tens of seconds for GPT-2 124M; inductor caches the work on disk for the next run)."""
+    model.compiled_decoding = CompiledDecoding(model)
+    return model
+
+
+def decoding_step(model: GPT):
+    """What runs one decoding step of `model`: its compiled step (compile_decoding) or the model itself."""
+    return getattr(model, "compiled_decoding", None) or model
+
+
+def warm_up_decoding(model: GPT) -> None:
+    """Compile the one-token steps a server runs (one row; several rows) before it takes requests, not during the
+    first ones. (A server's prompts go through the eager model: their shapes vary too much to compile.)"""
+    step = decoding_step(model)
+    eot = model.config.vocab_size - 1
+    with torch.no_grad():
+        for rows in (1, 2):
+            caches = model.new_kv_caches()
+            model(torch.full((rows, 2), eot, device=model.lm_head.weight.device), caches=caches)
+            for _ in range(2):  # a second length: the cache's length is dynamic from the start
+                step(torch.full((rows, 1), eot, device=model.lm_head.weight.device), caches=caches)
 
 
 def sample_next(
@@ -153,7 +237,8 @@ def stream_tokens(
     was_training = model.training
     model.eval()
     caches = model.new_kv_caches()
-    logits, _ = model(history, caches=caches, pad_lengths=pad)
+    step = decoding_step(model)
+    logits, _ = step(history, caches=caches, pad_lengths=pad)
     finished = torch.zeros(history.size(0), 1, dtype=torch.bool, device=device)
     try:
         for _ in range(max_new_tokens):
@@ -172,9 +257,9 @@ def stream_tokens(
                     pad = pad if bool(pad.any()) else None
                 history = history[:, -keep:]
                 caches = model.new_kv_caches()
-                logits, _ = model(history, caches=caches, pad_lengths=pad)
+                logits, _ = step(history, caches=caches, pad_lengths=pad)
             else:
-                logits, _ = model(next_id, caches=caches, pad_lengths=pad)
+                logits, _ = step(next_id, caches=caches, pad_lengths=pad)
     finally:
         model.train(was_training)
 

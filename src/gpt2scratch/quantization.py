@@ -78,7 +78,7 @@ class BF16Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.to(self.weight.dtype)
-        if x.device.type == "cpu" and x.numel() == self.in_features:
+        if x.device.type == "cpu" and x.numel() == self.in_features and not torch.compiler.is_compiling():
             y = torch.mv(self.weight, x2.reshape(-1)).view(*x.shape[:-1], self.out_features)
         else:
             y = F.linear(x2, self.weight)

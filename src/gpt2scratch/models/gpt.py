@@ -92,7 +92,7 @@ class GPT(nn.Module):
         """
         past = caches[0].length if caches else 0
         if past == 0 and not torch.compiler.is_compiling():  # later decoding steps feed back the model's own ids
-            self._check_input(idx, past)
+            self.check_input(idx, past)
         elif past + idx.size(1) > self.config.context_length:
             raise ValueError(f"the KV cache holds {past} tokens; {idx.size(1)} more exceed the context length")
         B, T = idx.size()
@@ -116,7 +116,9 @@ class GPT(nn.Module):
             )
         return logits, loss
 
-    def _check_input(self, idx: torch.Tensor, past: int) -> None:
+    def check_input(self, idx: torch.Tensor, past: int = 0) -> None:
+        """Raise a ValueError that names the problem if idx is not (B, T) token ids that fit the model after `past`
+        cached positions (what forward checks before a prompt; a compiled caller checks it itself)."""
         if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
             raise ValueError(
                 f"idx must be a (batch, time) tensor of integer token ids, got {tuple(idx.shape)} {idx.dtype}"

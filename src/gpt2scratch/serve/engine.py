@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gpt2scratch.generation import TextStream, left_pad, sample_rows
+from gpt2scratch.generation import TextStream, decoding_step, left_pad, sample_rows
 from gpt2scratch.models.gpt import GPT
 from gpt2scratch.models.kv_cache import KVCache
 from gpt2scratch.options import ServeOptions
@@ -342,11 +342,14 @@ class Engine:
             self._rows = [rows[i] for i in keep]
             self._pad = self._pad.index_select(0, index)
         length = self._caches[0].length
-        unused = int(self._pad.min())  # padding that every row has: drop it when the cache is full, or mostly pad
-        if unused and (length >= self.context or unused * 2 >= length):
+        # Padding that every row has: drop it when the cache is full, or mostly pad, or when one row is left (whose
+        # steps then need no mask: the fast attention path, and one compiled graph less with --compile).
+        unused = int(self._pad.min())
+        if unused and (length >= self.context or unused * 2 >= length or len(self._rows) == 1):
             for cache in self._caches:
                 cache.drop_front(unused)
             self._pad = self._pad - unused
         idx = torch.tensor(next_ids, device=self.device)[:, None]
-        logits, _ = self.model(idx, caches=self._caches, pad_lengths=self._pad if bool(self._pad.any()) else None)
+        pad = self._pad if bool(self._pad.any()) else None
+        logits, _ = decoding_step(self.model)(idx, caches=self._caches, pad_lengths=pad)
         self._logits = logits[:, -1, :]
