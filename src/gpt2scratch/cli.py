@@ -223,7 +223,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     decoding_layout(loaded.model)
     if opts.compile:
         compile_decoding(loaded.model)
-        print("compiling the decoding step on first use (--compile; cached for later runs)", file=sys.stderr)
+        print("--compile: the first tokens wait for the decoding passes to compile (a minute or two)", file=sys.stderr)
     chosen = {"max_new_tokens": opts.max_new_tokens, "temperature": opts.temperature, "top_k": opts.top_k}
     sampling = dataclasses.replace(
         Sampling.from_training(loaded.config.training),
@@ -325,7 +325,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if opts.compile:
         from gpt2scratch.generation import compile_decoding, warm_up_decoding
 
-        print("compiling the decoding steps (--compile; cached for later runs) ...", file=sys.stderr, flush=True)
+        print("--compile: compiling the decoding steps (a minute or two) ...", file=sys.stderr, flush=True)
         started = time.perf_counter()
         warm_up_decoding(compile_decoding(loaded.model))
         print(f"compiled in {time.perf_counter() - started:.0f} s", file=sys.stderr)

@@ -103,7 +103,7 @@ def _decode(model: GPT, idx: torch.Tensor, caches, pad_lengths: torch.Tensor | N
 
 def compile_decoding(model: GPT) -> GPT:
     """Make the model's decoding steps (stream_tokens, the server) run compiled (CompiledDecoding); returns it.
-    The first step compiles (tens of seconds for GPT-2 124M; inductor caches the work on disk for the next run)."""
+    The first prompt and the first step compile (a minute or two for GPT-2 124M on 2 cores, in each process)."""
     model.compiled_decoding = CompiledDecoding(model)
     return model
 

@@ -17,8 +17,8 @@ from gpt2scratch.config import require_int
 DTYPES = ("auto", "fp32", "bf16", "int8")  # gpt2scratch.quantization
 COMPILE_HELP = (
     "compile the decoding forward passes with torch.compile (inductor; needs a C++ compiler on a CPU): about 2x "
-    "the tokens/s of bf16 and int8 weights on a CPU, after a compilation of up to a few minutes on first use "
-    "(cached on disk for later runs)"
+    "the tokens/s of bf16 and int8 weights on a CPU, after a compilation of one to two minutes (GPT-2 124M) at "
+    "the start of each run: for long generations and servers"
 )
 DTYPE_HELP = (
     "weights to decode with: fp32, bf16, int8 (weight-only, per channel) or auto (bf16 on GPUs and on CPUs with "
