@@ -118,7 +118,7 @@ def warm_up_decoding(model: GPT) -> None:
     first ones. (A server's prompts go through the eager model: their shapes vary too much to compile.)"""
     step = decoding_step(model)
     eot = model.config.vocab_size - 1
-    with torch.no_grad():
+    with torch.inference_mode():  # as the server's engine runs (under no_grad, its tensors would need other graphs)
         for rows in (1, 2):
             caches = model.new_kv_caches()
             model(torch.full((rows, 2), eot, device=model.lm_head.weight.device), caches=caches)
