@@ -6,12 +6,11 @@ import math
 import pytest
 import torch
 
-from gpt2scratch import checkpoint
 from gpt2scratch.config import Config, GPTConfig, TrainingConfig, resolve_config
 from gpt2scratch.dataset.data_module import DataModule
 from gpt2scratch.models import GPT
 from gpt2scratch.runtime import Runtime
-from gpt2scratch.testing import copy_checkpoint, run_cli, torchrun
+from gpt2scratch.testing import copy_checkpoint, run_cli, same_weights, torchrun, train_one_and_two
 from gpt2scratch.testing import read_metrics as metrics
 from gpt2scratch.trainer import Trainer, configure_optimizers, lr_at
 
@@ -61,9 +60,7 @@ def test_muon_learns_and_resumes_bit_for_bit(hamlet_data, tmp_path):
     fit(config, tmp_path / "half", resume=True)
     full, half = metrics(tmp_path / "full"), metrics(tmp_path / "half")
     assert [half[s] for s in range(11, 21)] == [full[s] for s in range(11, 21)]
-    a = checkpoint.load_model_state(tmp_path / "full" / "ckpt" / "step_000020")
-    b = checkpoint.load_model_state(tmp_path / "half" / "ckpt" / "step_000020")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert same_weights(tmp_path / "full", tmp_path / "half", 20)
     assert full[20] < full[1] - 0.3  # and it learns
 
 
@@ -78,11 +75,7 @@ def test_muon_with_fsdp_is_refused(hamlet_data, tmp_path):
 def test_muon_torchrun_two_processes_equal_one(hamlet_data, tmp_path):
     args = ["--preset", "tiny", "--max-steps", "8", "--eval-every", "4", "--batch-size", "2", "--optimizer", "muon"]
     args += ["--tokens-per-step", "512", "--warmup-steps", "2", "--data-dir", str(hamlet_data), "--precision", "fp32"]
-    one = run_cli("train", *args, "--out", str(tmp_path / "one"))
-    assert one.returncode == 0, one.stderr
-    two = torchrun("train", *args, "--out", str(tmp_path / "two"))
-    assert two.returncode == 0, two.stderr[-3000:]
-    a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    a, b = train_one_and_two(args, tmp_path)
     assert a.keys() == b.keys() == set(range(1, 9))
     # PyTorch's Muon orthogonalises in bf16: the all-reduce's other summation order shows at ~2e-5 (AdamW: 1e-5)
     assert all(math.isclose(a[s], b[s], abs_tol=1e-4) for s in a), (a, b)

@@ -20,7 +20,7 @@ from gpt2scratch.generation import generate_ids
 from gpt2scratch.hf import export_folder
 from gpt2scratch.models import GPT
 from gpt2scratch.runtime import Runtime, setup_runtime
-from gpt2scratch.testing import ServerProcess, copy_checkpoint, run_cli
+from gpt2scratch.testing import ServerProcess, copy_checkpoint, run_cli, same_weights
 from gpt2scratch.testing import read_metrics as losses
 from gpt2scratch.trainer import Trainer
 
@@ -239,9 +239,7 @@ def test_cuda_resume_is_bit_for_bit(hamlet_data, tmp_path):
     train(config, tmp_path / "half", resume=True)
     full, half = losses(tmp_path / "full"), losses(tmp_path / "half")
     assert [half[s] for s in range(7, 13)] == [full[s] for s in range(7, 13)]
-    a = checkpoint.load_model_state(tmp_path / "full" / "ckpt" / "step_000012")
-    b = checkpoint.load_model_state(tmp_path / "half" / "ckpt" / "step_000012")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert same_weights(tmp_path / "full", tmp_path / "half", 12)
 
 
 @pytest.mark.cuda

@@ -16,7 +16,7 @@ from gpt2scratch.config import GPTConfig, TrainingConfig, resolve_config
 from gpt2scratch.dataset.data_module import DataModule
 from gpt2scratch.models import GPT
 from gpt2scratch.runtime import Runtime
-from gpt2scratch.testing import COMMAND, run_cli, torchrun
+from gpt2scratch.testing import COMMAND, run_cli, same_weights, torchrun, train_one_and_two
 from gpt2scratch.trainer import Trainer, TrainingError, configure_optimizer, lr_at
 
 TRAIN_ARGS = ["--preset", "tiny", "--tokens-per-step", "0", "--batch-size", "4", "--warmup-steps", "5"]
@@ -105,9 +105,7 @@ def test_resume_is_bit_for_bit(data_dir, tmp_path):
     full, half = metrics(tmp_path / "full"), metrics(tmp_path / "half")
     assert [half[s] for s in range(11, 21)] == [full[s] for s in range(11, 21)]  # exact float equality
     assert metrics(tmp_path / "half", "val_loss")[20] == metrics(tmp_path / "full", "val_loss")[20]
-    a = checkpoint.load_model_state(tmp_path / "full" / "ckpt" / "step_000020")
-    b = checkpoint.load_model_state(tmp_path / "half" / "ckpt" / "step_000020")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert same_weights(tmp_path / "full", tmp_path / "half", 20)
 
 
 def test_checkpoint_layout_is_unwrapped_and_safe(data_dir, tmp_path):
@@ -279,11 +277,7 @@ def test_torchrun_two_processes_equal_one(data_dir, tmp_path):
     """Two gloo ranks at the same global batch log the same per-step train_loss as one process (within 1e-5)."""
     args = ["--preset", "tiny", "--max-steps", "8", "--eval-every", "4", "--batch-size", "2"]
     args += ["--tokens-per-step", "512", "--warmup-steps", "2", "--data-dir", str(data_dir), "--precision", "fp32"]
-    one = run_cli("train", *args, "--out", str(tmp_path / "one"))
-    assert one.returncode == 0, one.stderr
-    two = torchrun("train", *args, "--out", str(tmp_path / "two"))
-    assert two.returncode == 0, two.stderr[-3000:]
-    a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    a, b = train_one_and_two(args, tmp_path)
     assert a.keys() == b.keys() == set(range(1, 9))
     assert all(math.isclose(a[s], b[s], abs_tol=1e-5) for s in a), (a, b)
     va, vb = metrics(tmp_path / "one", "val_loss"), metrics(tmp_path / "two", "val_loss")

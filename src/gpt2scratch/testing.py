@@ -4,6 +4,8 @@
     torchrun("train", ..., nproc=2)               the same under `torchrun --standalone` (gloo on a CPU)
     with ServerProcess(model, "--api-key", k):    `gpt2scratch serve` on a free loopback port, ready on /health
     write_random_model(folder, config)            a random GPT in a model folder that generate/serve/eval open
+    train_one_and_two(args, out)                  train_loss per step of one process and of two under torchrun
+    same_weights(run_a, run_b, step)              two runs' checkpoints of a step hold bit-identical weights
 
 Only the standard library, torch and gpt2scratch are needed (no HTTP client library).
 """
@@ -68,6 +70,24 @@ def copy_checkpoint(from_run: str | Path, to_run: str | Path, step: int) -> None
     name = f"step_{step:06d}"
     (Path(to_run) / checkpoint.CKPT_DIR).mkdir(parents=True)
     shutil.copytree(Path(from_run) / checkpoint.CKPT_DIR / name, Path(to_run) / checkpoint.CKPT_DIR / name)
+
+
+def same_weights(run_a: str | Path, run_b: str | Path, step: int) -> bool:
+    """Whether two runs' checkpoints of `step` hold bit-identical weights (a resumed run against a whole one)."""
+    name = f"step_{step:06d}"
+    a = checkpoint.load_model_state(Path(run_a) / checkpoint.CKPT_DIR / name)
+    b = checkpoint.load_model_state(Path(run_b) / checkpoint.CKPT_DIR / name)
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def train_one_and_two(args: list[str], out: str | Path) -> tuple[dict[int, float], dict[int, float]]:
+    """`gpt2scratch train ARGS` in one process (OUT/one) and under torchrun with two (OUT/two); both must
+    succeed. Their {step: train_loss}."""
+    one = run_cli("train", *args, "--out", str(Path(out) / "one"))
+    assert one.returncode == 0, one.stderr
+    two = torchrun("train", *args, "--out", str(Path(out) / "two"))
+    assert two.returncode == 0, two.stderr[-3000:]
+    return read_metrics(Path(out) / "one"), read_metrics(Path(out) / "two")
 
 
 def free_port() -> int:
