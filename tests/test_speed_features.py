@@ -7,6 +7,10 @@ at the end cover what only a GPU run shows: a bit-exact resume there, the KV cac
 """
 
 import json
+import os
+import platform
+import subprocess
+import sys
 import urllib.request
 
 import pytest
@@ -348,3 +352,31 @@ def test_cpu_training_with_dropout_takes_the_cheap_path(monkeypatch):
     assert len(calls) == 2  # one per layer
     model.eval()(x)
     assert len(calls) == 2  # not in eval mode
+
+
+FAULTS = """
+import resource, sys, torch
+from gpt2scratch.runtime import keep_freed_memory
+kept = keep_freed_memory()
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):  # 64 MiB blocks, as a step's logits: the first ones are faulted in either way
+    torch.ones(16 << 20)
+before = faults()
+for _ in range(10):
+    torch.ones(16 << 20)
+print(kept, faults() - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_freed_memory_is_reused_without_page_faults():
+    """A freed 64 MiB block comes back without faulting its 16,384 pages in again (the opt-out shows the cost)."""
+    runs = {}
+    for setting in ("1", "0"):
+        env = {**os.environ, "GPT2SCRATCH_KEEP_FREED_MEMORY": setting}
+        out = subprocess.run([sys.executable, "-c", FAULTS], env=env, capture_output=True, text=True, check=True)
+        runs[setting] = out.stdout.split()
+    assert runs["1"][0] == "True" and runs["0"][0] == "False"
+    assert int(runs["0"][1]) > 10 * 16384 * 0.9  # each block faulted in again: what the setting saves
+    assert int(runs["1"][1]) < 1000
