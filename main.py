@@ -4,7 +4,7 @@
     python main.py --out runs/first     # any `gpt2scratch train` option works here too (see --help)
 
 It is `gpt2scratch train` with its defaults: on a GPU, the seed's GPT-2 config (124M shapes) with GPT-2's
-tokenizer; on a CPU, the `cpu` preset (a small model, a 4096-token BPE trained on the corpus, an 8-minute
+tokenizer; on a CPU, the `cpu` preset (a small model, an 8192-token BPE trained on the corpus, an 8-minute
 budget), so that it finishes within 10 minutes on a 2-core laptop. At the end it prints samples and writes
 a Hugging Face folder (RUN/hf) that the seed's usage snippet loads.
 """
