@@ -67,8 +67,8 @@ def main() -> None:
             evals = {r["step"]: r for r in records if "val_bpb" in r}
             steps = max(r["step"] for r in records if "train_loss" in r)
             minutes = (time.perf_counter() - started) / 60
-            results[name].append({"evals": evals, "final": evals[max(evals)], "steps": steps, "minutes": minutes})
             final = evals[max(evals)]
+            results[name].append({"evals": evals, "final": final, "steps": steps, "minutes": minutes})
             print(f"{name} run {repeat + 1}: val bpb {final['val_bpb']:.4f}, {steps} steps, {minutes:.1f} min",
                   flush=True)  # fmt: skip
     what = f"{args.steps} steps" if args.steps else f"{args.minutes:g}-minute budget"
