@@ -332,12 +332,12 @@ def test_main_py_default_run_with_a_short_budget(tmp_path):
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (tmp_path / "data" / "shakespeare-bpe8192" / "manifest.json").is_file()
+    assert (tmp_path / "data" / "shakespeare-bpe16384" / "manifest.json").is_file()
     assert "time budget 0.3 min" in result.stderr and "done:" in result.stdout
     evals = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in evals if "val_bpb" in r]
     assert evals and all({"step", "val_loss", "val_bpb"} <= r.keys() for r in evals)
-    assert evals[-1]["val_bpb"] < 3.5  # learned: a uniform guess over 8192 tokens is 13 bits / 3.2 bytes = 4.0
+    assert evals[-1]["val_bpb"] < 3.5  # learned: a uniform guess over 16384 tokens is 14 bits / 3.6 bytes = 3.9
     assert (tmp_path / "run" / "hf" / "model.safetensors").is_file()
 
     # ... and `gpt2scratch serve` serves what it left: the run (its latest checkpoint) and its Hugging Face folder
