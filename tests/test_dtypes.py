@@ -63,6 +63,21 @@ def test_fp32_is_the_model_as_trained(trained):
     assert generate_ids(plain.model, prompt, 30, temperature=0) == generate_ids(fp32.model, prompt, 30, temperature=0)
 
 
+def test_int8_linear_pads_rows_and_returns_the_layers_shape():
+    """Rows padded to a multiple of 64 for the kernels, none of them in the output; the product is the rounded
+    weights' (per-row scales), within bf16's rounding of the input."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(48, 100)
+    int8 = Int8Linear(linear)
+    assert int8.weight.shape == (128, 48) and not int8.weight[100:].any()
+    x = torch.randn(2, 5, 48)
+    rounded = int8.weight[:100].float() * int8.scales[:100, None].float()
+    expected = torch.nn.functional.linear(x.bfloat16().float(), rounded, linear.bias)
+    got = int8(x)
+    assert got.shape == (2, 5, 100)
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
+
+
 def test_auto_says_what_it_chose(trained):
     dtype, reason = pick_dtype("auto", torch.device("cpu"))
     assert dtype in ("bf16", "fp32") and reason

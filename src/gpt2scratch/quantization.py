@@ -37,6 +37,9 @@ def pick_dtype(requested: str, device: torch.device) -> tuple[str, str]:
     return "fp32", f"{device.type} without native bfloat16"
 
 
+ROW_BLOCK = 64
+
+
 class Int8Linear(nn.Module):
     """y = x W^T * scale + b with W stored as int8 (out, in) and one fp32 scale per output row; the product is
     taken in bf16 (the kernel's fast path), in and out in the caller's dtype."""
@@ -45,8 +48,12 @@ class Int8Linear(nn.Module):
         super().__init__()
         weight = linear.weight.detach().float()
         scale = weight.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
-        self.register_buffer("weight", torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scales", scale.to(torch.bfloat16))
+        weight = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        # Rows padded with zeros to a multiple of ROW_BLOCK: the CPU kernels (eager and inductor's) work on blocks
+        # of output rows, and GPT-2's 50,257-row head ends in a slow partial block (50,304 rows decode faster).
+        pad = -weight.size(0) % ROW_BLOCK
+        self.register_buffer("weight", F.pad(weight, (0, 0, 0, pad)))
+        self.register_buffer("scales", F.pad(scale, (0, pad), value=1.0).to(torch.bfloat16))
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
@@ -57,7 +64,7 @@ class Int8Linear(nn.Module):
             y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)
         else:
             y = F.linear(x2, self.weight.to(torch.bfloat16)) * self.scales
-        y = y.to(x.dtype)
+        y = y[:, : self.out_features].to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features)
