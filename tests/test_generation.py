@@ -182,3 +182,41 @@ def test_decoding_layout_keeps_values_and_generation(weight_tying):
     assert (model.lm_head.weight is model.transformer.wte.weight) == weight_tying
     assert_close(model(prompts)[0], logits, rtol=1e-5, atol=1e-5)
     assert generate_ids(model, prompts.tolist(), 20, temperature=0) == greedy
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_one_query_attention_equals_sdpa(padded):
+    """The attention a compiled decoding step runs for its one new query, against SDPA with the causal mask."""
+    import torch.nn.functional as F
+
+    from gpt2scratch.models.multi_head_self_attention import causal_mask, one_query_attention
+
+    torch.manual_seed(0)
+    B, nh, L, hs = 3, 4, 9, 16
+    q, k, v = torch.randn(B, nh, 1, hs), torch.randn(B, nh, L, hs), torch.randn(B, nh, L, hs)
+    pad = torch.tensor([0, 3, 8]) if padded else None
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(1, L - 1, q.device, pad))
+    assert_close(one_query_attention(q, k, v, pad), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_steps_skip_guards_only_where_a_graph_took_them():
+    """A compiled one-token step of a kind already run with its guards checked skips checking them; where that
+    would need a graph not compiled yet (here: the signature is made to lie, so batch 1 and batch 2 look alike),
+    dynamo refuses and the step runs again with every guard: the tokens are the eager model's."""
+    from gpt2scratch.generation import compile_decoding
+
+    model, prompts = model_and_prompts()
+    eager = [generate_ids(model, [p], 6, temperature=0) for p in prompts[:2]]
+    eager_batch = generate_ids(model, prompts[:2], 6, temperature=0)
+    compiled = compile_decoding(GPT(model.config).eval())
+    compiled.load_state_dict(model.state_dict())
+    compiled.compiled_decoding.inductor = {}  # inductor's defaults: the quickest compile, same graph logic
+    assert generate_ids(compiled, [prompts[0]], 6, temperature=0) == eager[0]
+    warm = set(compiled.compiled_decoding.warm)
+    assert len(warm) == 1  # one kind of step (batch 1, no padding), run with guards once, then without
+    assert generate_ids(compiled, [prompts[1]], 6, temperature=0) == eager[1]
+    assert compiled.compiled_decoding.warm == warm
+    compiled.compiled_decoding.one_token_step = lambda *args: "one kind"  # every step now looks warm ...
+    compiled.compiled_decoding.warm = {"one kind"}
+    assert generate_ids(compiled, prompts[:2], 6, temperature=0) == eager_batch  # ... a batch needs its own graph
+    assert not compiled.compiled_decoding.failed

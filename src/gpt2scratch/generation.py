@@ -75,6 +75,7 @@ class CompiledDecoding:
         on_cpu = model.lm_head.weight.device.type == "cpu"
         self.inductor = CPU_DECODING_INDUCTOR if on_cpu else {}
         self.failed = False
+        self.warm: set[tuple] = set()  # the one-token steps that have run with their guards checked
 
     def __call__(self, idx: torch.Tensor, caches, pad_lengths: torch.Tensor | None = None):
         if caches[0].length == 0:
@@ -84,9 +85,10 @@ class CompiledDecoding:
         if not self.failed:
             from torch._dynamo.exc import TorchDynamoException  # what compiling raises (the model's errors pass)
 
+            step = self.one_token_step(idx, caches, pad_lengths)
             try:
                 with torch._inductor.config.patch(self.inductor):
-                    return self.compiled(self.model, idx, caches, pad_lengths)
+                    return self._run(idx, caches, pad_lengths, step)
             except TorchDynamoException as error:
                 self.failed = True
                 reason = (str(error).strip() or type(error).__name__).splitlines()[0][:300]
@@ -95,6 +97,50 @@ class CompiledDecoding:
                     file=sys.stderr,
                 )
         return self.model(idx, caches=caches, pad_lengths=pad_lengths)
+
+    def _run(self, idx: torch.Tensor, caches, pad_lengths: torch.Tensor | None, step: tuple | None):
+        """Dynamo checks ~1,000 guards before each call (on the modules, and on each layer's cache shapes): a few
+        tenths of a millisecond of a 7 ms int8 step. A one-token step of a kind that has already run with its
+        guards checked (and compiled if need be) runs the graph that took it without checking them all again
+        (only those that tell its graphs apart). Should that find no graph for it (dynamo then raises rather than
+        recompile), the step runs again with every guard checked."""
+        if step in self.warm:
+            try:
+                with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                    return self.compiled(self.model, idx, caches, pad_lengths)
+            except RuntimeError as error:
+                if "skip_guard_eval_unsafe" not in str(error):
+                    raise
+                self.warm.discard(step)
+        out = self.compiled(self.model, idx, caches, pad_lengths)
+        if step is not None:
+            self.warm.add(step)
+        return out
+
+    @staticmethod
+    def one_token_step(idx: torch.Tensor, caches, pad_lengths: torch.Tensor | None) -> tuple | None:
+        """What decides which compiled graph runs a one-token step (None for a prompt): one row or several
+        (batch sizes from 2 up share a graph), the ids' layout, dtype and device, padding or none, the grad,
+        inference and autocast modes, the caches' number and dtype, and a cache of at least 2 positions (dynamo
+        gives the lengths 0 and 1 graphs of their own). Within the context, the cache's length and the batch size
+        change nothing else: the graph takes them as symbols."""
+        k = caches[0].k
+        if idx.size(1) != 1 or caches[0].length < 2 or k is None:
+            return None
+        return (
+            idx.size(0) == 1,
+            idx.stride(),
+            idx.storage_offset(),
+            idx.dtype,
+            idx.device,
+            None if pad_lengths is None else (pad_lengths.stride(), pad_lengths.dtype),
+            torch.is_grad_enabled(),
+            torch.is_inference_mode_enabled(),
+            torch.is_autocast_enabled(idx.device.type),
+            len(caches),
+            k.dtype,
+            k.stride()[1:],
+        )
 
 
 def _decode(model: GPT, idx: torch.Tensor, caches, pad_lengths: torch.Tensor | None):
@@ -114,16 +160,17 @@ def decoding_step(model: GPT):
 
 
 def warm_up_decoding(model: GPT) -> None:
-    """Compile the one-token steps a server runs (one row; several rows) before it takes requests, not during the
-    first ones. (A server's prompts go through the eager model: their shapes vary too much to compile.)"""
+    """Compile the passes a server runs (a prompt of two tokens or more, then one-token steps; for one row and for
+    several) before it takes requests, not during the first ones."""
     step = decoding_step(model)
     eot = model.config.vocab_size - 1
+    device = model.lm_head.weight.device
     with torch.inference_mode():  # as the server's engine runs (under no_grad, its tensors would need other graphs)
         for rows in (1, 2):
             caches = model.new_kv_caches()
-            model(torch.full((rows, 2), eot, device=model.lm_head.weight.device), caches=caches)
+            step(torch.full((rows, 2), eot, device=device), caches=caches)
             for _ in range(2):  # a second length: the cache's length is dynamic from the start
-                step(torch.full((rows, 1), eot, device=model.lm_head.weight.device), caches=caches)
+                step(torch.full((rows, 1), eot, device=device), caches=caches)
 
 
 def sample_next(

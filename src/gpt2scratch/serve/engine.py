@@ -255,8 +255,13 @@ class Engine:
         ids, pad = left_pad([row.prompt for row in new], self.context, self.device)
         pad = pad if pad is not None else torch.zeros(len(new), dtype=torch.long, device=self.device)
         caches = self.model.new_kv_caches()
-        logits, _ = self.model(ids, caches=caches, pad_lengths=pad if bool(pad.any()) else None)
-        if new[0].job.request.scores_prompt:  # a group of one (see _admit)
+        scored = new[0].job.request.scores_prompt  # a group of one (see _admit)
+        # Prompts go through the compiled pass (--compile), except prompts of one token (a graph of their own,
+        # not compiled at warm-up: compiling it would stall the server) and prompts to be scored (their
+        # log-probabilities are the eager model's, as `eval` computes them).
+        forward = self.model if scored or ids.size(1) == 1 else decoding_step(self.model)
+        logits, _ = forward(ids, caches=caches, pad_lengths=pad if bool(pad.any()) else None)
+        if scored:
             row = new[0]
             entries = prompt_logprobs(row.prompt, logits[0], row.job.request.logprobs)
             row.job.emit(Event(row.choice, logprobs=entries))
