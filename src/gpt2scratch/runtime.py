@@ -199,7 +199,8 @@ def keep_freed_memory() -> bool:
     By default glibc serves each large block (the logits, their gradient, attention weights: megabytes each) with
     a fresh mmap and gives it back to the kernel when freed, so every step faults in and zeroes its activations'
     pages again: a third of a small CPU model's step went to the kernel (`sys` time); with this the `cpu` preset's
-    step went from 258 to 180 ms. Process-wide; the process then holds its peak memory until it exits. Linux with
+    step went from 258 to 180 ms. `generate`, `serve` and `eval` call it too (each decoding step frees and allocates
+    its logits and activations). Process-wide; the process then holds its peak memory until it exits. Linux with
     glibc only (elsewhere a no-op, returns False); GPT2SCRATCH_KEEP_FREED_MEMORY=0 turns it off.
     """
     if os.environ.get("GPT2SCRATCH_KEEP_FREED_MEMORY", "1") == "0" or platform.libc_ver()[0] != "glibc":
