@@ -327,7 +327,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if opts.compile:
         from gpt2scratch.generation import compile_decoding, warm_up_decoding
 
-        print("--compile: compiling the decoding steps (a minute or two) ...", file=sys.stderr, flush=True)
+        print("--compile: compiling the prompt and decoding passes (minutes) ...", file=sys.stderr, flush=True)
         started = time.perf_counter()
         warm_up_decoding(compile_decoding(loaded.model))
         print(f"compiled in {time.perf_counter() - started:.0f} s", file=sys.stderr)
