@@ -128,10 +128,10 @@ def step_logits(model, step, sequence: list[int], prompt_length: int) -> torch.T
     ids = torch.tensor([sequence])
     caches = model.new_kv_caches()
     with torch.no_grad():
-        logits, _ = step(ids[:, :prompt_length], caches=caches)
+        logits, _ = step(ids[:, :prompt_length], caches=caches, last_only=True)
         rows = [logits[0, -1]]
         for t in range(prompt_length, len(sequence) - 1):
-            logits, _ = step(ids[:, t : t + 1], caches=caches)
+            logits, _ = step(ids[:, t : t + 1], caches=caches, last_only=True)
             rows.append(logits[0, -1])
     return torch.stack(rows)
 

@@ -114,6 +114,20 @@ def test_kv_cache_logits_equal_full_recompute():
             assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
+def test_last_only_gives_the_last_positions_logits():
+    """last_only (what decoding asks after a prompt) equals the full pass's last position, padded rows included."""
+    model = GPT(tiny_config()).eval()
+    idx = torch.randint(0, 101, (3, 12))
+    pad = torch.tensor([0, 4, 11])
+    with torch.no_grad():
+        full, _ = model(idx, caches=model.new_kv_caches(), pad_lengths=pad)
+        last, _ = model(idx, caches=model.new_kv_caches(), pad_lengths=pad, last_only=True)
+    assert last.shape == (3, 1, 101)
+    assert_close(last, full[:, -1:], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="last_only"):
+        model(idx, targets=idx, last_only=True)
+
+
 def test_gelu_is_the_tanh_approximation():
     x = torch.linspace(-6, 6, 1001)
     assert_close(GELU()(x), gelu_tanh_reference(x), rtol=1e-6, atol=1e-6)

@@ -60,10 +60,10 @@ CPU_DECODING_INDUCTOR = {
 
 
 class CompiledDecoding:
-    """A model's decoding forward pass, `model(idx, caches=..., pad_lengths=...)` (the prompt, then one token at a
-    time), compiled with torch.compile (inductor) on first use, with dynamic shapes so that one graph serves every
-    prompt or cache length and batch size (a prompt and a single token, batch 1 and padded batches are graphs of
-    their own). Where compiling fails (no C++ compiler, an unsupported device), it says so on stderr once and
+    """A model's decoding forward pass, `model(idx, caches=..., pad_lengths=..., last_only=...)` (the prompt, then
+    one token at a time), compiled with torch.compile (inductor) on first use, with dynamic shapes so that one graph
+    serves every prompt or cache length and batch size (a prompt and a single token, batch 1 and padded batches are
+    graphs of their own). Where compiling fails (no C++ compiler, an unsupported device), it says so on stderr once and
     decodes eagerly."""
 
     def __init__(self, model: GPT):
@@ -77,7 +77,7 @@ class CompiledDecoding:
         self.failed = False
         self.warm: set[tuple] = set()  # the one-token steps that have run with their guards checked
 
-    def __call__(self, idx: torch.Tensor, caches, pad_lengths: torch.Tensor | None = None):
+    def __call__(self, idx: torch.Tensor, caches, pad_lengths: torch.Tensor | None = None, last_only: bool = False):
         if caches[0].length == 0:
             self.model.check_input(idx)  # what the eager forward checks of a prompt (compiled code skips it)
         if pad_lengths is None and idx.size(0) > 1:  # one graph for batches padded or not (zeros: no padding)
@@ -85,10 +85,10 @@ class CompiledDecoding:
         if not self.failed:
             from torch._dynamo.exc import TorchDynamoException  # what compiling raises (the model's errors pass)
 
-            step = self.one_token_step(idx, caches, pad_lengths)
+            step = self.one_token_step(idx, caches, pad_lengths, last_only)
             try:
                 with torch._inductor.config.patch(self.inductor):
-                    return self._run(idx, caches, pad_lengths, step)
+                    return self._run(idx, caches, pad_lengths, last_only, step)
             except TorchDynamoException as error:
                 self.failed = True
                 reason = (str(error).strip() or type(error).__name__).splitlines()[0][:300]
@@ -96,9 +96,9 @@ class CompiledDecoding:
                     f"warning: --compile: compiling the decoding step failed ({reason}); decoding without it",
                     file=sys.stderr,
                 )
-        return self.model(idx, caches=caches, pad_lengths=pad_lengths)
+        return self.model(idx, caches=caches, pad_lengths=pad_lengths, last_only=last_only)
 
-    def _run(self, idx: torch.Tensor, caches, pad_lengths: torch.Tensor | None, step: tuple | None):
+    def _run(self, idx: torch.Tensor, caches, pad_lengths: torch.Tensor | None, last_only: bool, step: tuple | None):
         """Dynamo checks ~1,000 guards before each call (on the modules, and on each layer's cache shapes): a few
         tenths of a millisecond of a 7 ms int8 step. A one-token step of a kind that has already run with its
         guards checked (and compiled if need be) runs the graph that took it without checking them all again
@@ -107,20 +107,20 @@ class CompiledDecoding:
         if step in self.warm:
             try:
                 with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-                    return self.compiled(self.model, idx, caches, pad_lengths)
+                    return self.compiled(self.model, idx, caches, pad_lengths, last_only)
             except RuntimeError as error:
                 if "skip_guard_eval_unsafe" not in str(error):
                     raise
                 self.warm.discard(step)
-        out = self.compiled(self.model, idx, caches, pad_lengths)
+        out = self.compiled(self.model, idx, caches, pad_lengths, last_only)
         if step is not None:
             self.warm.add(step)
         return out
 
     @staticmethod
-    def one_token_step(idx: torch.Tensor, caches, pad_lengths: torch.Tensor | None) -> tuple | None:
+    def one_token_step(idx: torch.Tensor, caches, pad_lengths: torch.Tensor | None, last_only: bool) -> tuple | None:
         """What decides which compiled graph runs a one-token step (None for a prompt): one row or several
-        (batch sizes from 2 up share a graph), the ids' layout, dtype and device, padding or none, the grad,
+        (batch sizes from 2 up share a graph), the ids' layout, dtype and device, padding or none, last_only, the grad,
         inference and autocast modes, the caches' number and dtype, and a cache of at least 2 positions (dynamo
         gives the lengths 0 and 1 graphs of their own). Within the context, the cache's length and the batch size
         change nothing else: the graph takes them as symbols."""
@@ -134,6 +134,7 @@ class CompiledDecoding:
             idx.dtype,
             idx.device,
             None if pad_lengths is None else (pad_lengths.stride(), pad_lengths.dtype),
+            last_only,
             torch.is_grad_enabled(),
             torch.is_inference_mode_enabled(),
             torch.is_autocast_enabled(idx.device.type),
@@ -143,8 +144,8 @@ class CompiledDecoding:
         )
 
 
-def _decode(model: GPT, idx: torch.Tensor, caches, pad_lengths: torch.Tensor | None):
-    return model(idx, caches=caches, pad_lengths=pad_lengths)
+def _decode(model: GPT, idx: torch.Tensor, caches, pad_lengths: torch.Tensor | None, last_only: bool):
+    return model(idx, caches=caches, pad_lengths=pad_lengths, last_only=last_only)
 
 
 def compile_decoding(model: GPT) -> GPT:
@@ -168,9 +169,9 @@ def warm_up_decoding(model: GPT) -> None:
     with torch.inference_mode():  # as the server's engine runs (under no_grad, its tensors would need other graphs)
         for rows in (1, 2):
             caches = model.new_kv_caches()
-            step(torch.full((rows, 2), eot, device=device), caches=caches)
+            step(torch.full((rows, 2), eot, device=device), caches=caches, last_only=True)
             for _ in range(2):  # a second length: the cache's length is dynamic from the start
-                step(torch.full((rows, 1), eot, device=device), caches=caches)
+                step(torch.full((rows, 1), eot, device=device), caches=caches, last_only=True)
 
 
 def sample_next(
@@ -223,30 +224,33 @@ def sample_rows(
     requests needs: temperature (B,) (0 = greedy), top_k (B,) (0 = off; exactly k tokens stay), top_p (B,), and
     uniform (B,) draws in [0, 1), one per row from that row's own generator, so a row's tokens do not depend on the
     rows beside it. Filters as in sample_next; the draw is the inverse of the kept tokens' cumulative distribution."""
-    greedy = logits.argmax(dim=-1)
-    rows = (~is_greedy(temperature, top_p)).nonzero().squeeze(-1)
-    if rows.numel() == 0:
-        return greedy
-    logits, temperature, top_k, top_p = logits[rows], temperature[rows], top_k[rows], top_p[rows]
+    greedy_rows = is_greedy(temperature, top_p)
+    greedy = rows = None
+    if bool(greedy_rows.any()):
+        greedy = logits.argmax(dim=-1)
+        rows = (~greedy_rows).nonzero().squeeze(-1)
+        if rows.numel() == 0:
+            return greedy
+        logits, temperature, top_k, top_p, uniform = (t[rows] for t in (logits, temperature, top_k, top_p, uniform))
     V = logits.size(-1)
-    scaled = _scale(logits, temperature[:, None])
     k = torch.where(top_k > 0, top_k, V).clamp(max=V)
-    if bool((k < V).all()):  # every row keeps at most max(k) tokens: a partial sort is enough
-        sorted_logits, order = torch.topk(scaled, int(k.max()), dim=-1)
+    if bool((k < V).all()):  # every row keeps at most max(k) tokens: a partial sort, then only those are scaled
+        sorted_logits, order = torch.topk(logits, int(k.max()), dim=-1)  # (the order / temperature keeps)
+        sorted_logits = _scale(sorted_logits, temperature[:, None])
     elif not bool((k < V).any() or (top_p < 1).any()):  # no filter at all: no sort needed
-        sorted_logits, order = scaled, None
+        sorted_logits, order = _scale(logits, temperature[:, None]), None
     else:
-        sorted_logits, order = torch.sort(scaled, descending=True, dim=-1)
+        sorted_logits, order = torch.sort(_scale(logits, temperature[:, None]), descending=True, dim=-1)
     ranks = torch.arange(sorted_logits.size(-1), device=logits.device)
     sorted_logits = sorted_logits.masked_fill(ranks[None, :] >= k[:, None], float("-inf"))
     probs = torch.softmax(sorted_logits, dim=-1)
     if order is not None:
         probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= top_p[:, None], 0.0)  # the first always stays
     cdf = probs.cumsum(dim=-1)
-    target = (uniform[rows].to(cdf) * cdf[:, -1])[:, None]
+    target = (uniform.to(cdf) * cdf[:, -1])[:, None]
     choice = torch.searchsorted(cdf, target, right=True).clamp(max=cdf.size(-1) - 1)  # skips probability-0 tokens
-    token = choice if order is None else order.gather(-1, choice)
-    return greedy.index_copy(0, rows, token.squeeze(-1))
+    token = (choice if order is None else order.gather(-1, choice)).squeeze(-1)
+    return token if rows is None else greedy.index_copy(0, rows, token)
 
 
 def left_pad(prompts: Sequence[Sequence[int]], context: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -285,7 +289,7 @@ def stream_tokens(
     model.eval()
     caches = model.new_kv_caches()
     step = decoding_step(model)
-    logits, _ = step(history, caches=caches, pad_lengths=pad)
+    logits, _ = step(history, caches=caches, pad_lengths=pad, last_only=True)
     finished = torch.zeros(history.size(0), 1, dtype=torch.bool, device=device)
     try:
         for _ in range(max_new_tokens):
@@ -304,9 +308,9 @@ def stream_tokens(
                     pad = pad if bool(pad.any()) else None
                 history = history[:, -keep:]
                 caches = model.new_kv_caches()
-                logits, _ = step(history, caches=caches, pad_lengths=pad)
+                logits, _ = step(history, caches=caches, pad_lengths=pad, last_only=True)
             else:
-                logits, _ = step(next_id, caches=caches, pad_lengths=pad)
+                logits, _ = step(next_id, caches=caches, pad_lengths=pad, last_only=True)
     finally:
         model.train(was_training)
 

@@ -82,6 +82,7 @@ class GPT(nn.Module):
         targets: torch.Tensor | None = None,
         caches: list[KVCache] | None = None,
         pad_lengths: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx: (B, T) token ids -> (logits (B, T, vocab_size), mean cross-entropy over targets or None).
 
@@ -89,7 +90,11 @@ class GPT(nn.Module):
         caches: one KVCache per layer for incremental decoding; positions continue after what they hold.
         pad_lengths: (B,) for a batch of prompts of different lengths, left-padded: row b's first pad_lengths[b]
             tokens are padding, masked out of attention, and its positions start at 0 after them.
+        last_only: logits of the last position only, (B, 1, vocab_size): what decoding needs after a prompt (the LM
+            head, a third of GPT-2 124M's weights, then skips the prompt's other positions).
         """
+        if last_only and targets is not None:
+            raise ValueError("last_only gives the last position's logits only: a loss over targets needs them all")
         past = caches[0].length if caches else 0
         if past == 0 and not torch.compiler.is_compiling():  # later decoding steps feed back the model's own ids
             self.check_input(idx, past)
@@ -105,6 +110,8 @@ class GPT(nn.Module):
                 x = checkpoint(block, x, pad_lengths=pad_lengths, use_reentrant=False)
             else:
                 x = block(x, cache=caches[i] if caches else None, pad_lengths=pad_lengths)
+        if last_only:
+            x = x[:, -1:, :]
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)  # (B, T, padded_vocab_size)
         if self.padded_vocab_size != self.config.vocab_size:
