@@ -13,6 +13,7 @@ Every model is a random tiny one with GPT-2's tokenizer, built here.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import socket
 import subprocess
@@ -144,6 +145,63 @@ def test_seeded_sampling_does_not_depend_on_the_batch(small_context_model):
     assert alone[0] != alone[1]  # the two choices draw differently (seed + choice index)
     other_seed = completion_request(ids, 30, temperature=1.0, n=2, seed=8, top_k=40, top_p=0.9)
     assert run_engine(Engine(loaded.model, loaded.tokenizer), [other_seed])[0] != alone
+
+
+def test_a_whole_answer_comes_in_one_event_and_a_stream_token_by_token(small_context_model):
+    """The engine wakes the event loop once per step, not once per token: a request that is not streamed gets each
+    choice in one event when it ends (its tokens' logprobs included), a stream its tokens as they come; the texts
+    and logprobs are the same."""
+    loaded = loading.load(str(small_context_model))
+    whole = dataclasses.replace(completion_request(loaded.tokenizer.encode("Once upon a time"), 20), logprobs=2)
+    stream = dataclasses.replace(whole, stream=True)
+    engine = Engine(loaded.model, loaded.tokenizer, max_batch_size=4)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+
+        async def events(request):
+            job = Job(request, loop)
+            engine.submit(job)
+            got = [await job.events.get()]
+            while got[-1].finish_reason is None:
+                got.append(await job.events.get())
+            return got
+
+        return await asyncio.gather(events(whole), events(stream))
+
+    engine.start()
+    try:
+        whole_events, stream_events = asyncio.run(main())
+    finally:
+        engine.stop()
+    assert len(whole_events) == 1 and whole_events[0].finish_reason == "length"
+    assert whole_events[0].completion_tokens == 20 and len(whole_events[0].logprobs) == 20
+    assert len(stream_events) > 1
+    assert "".join(event.text for event in stream_events) == whole_events[0].text
+    streamed = [entry for event in stream_events for entry in event.logprobs or []]
+    assert streamed == whole_events[0].logprobs
+
+
+def test_the_engine_thread_has_the_cores_openmp_workers_to_itself():
+    """A thread that has run parallel CPU ops keeps a team of OpenMP workers (libgomp, PyTorch's OpenMP on Linux);
+    the server's main thread loaded the model, so the engine lets the main thread's team go before it starts (with
+    more workers than cores, libgomp's idle workers sleep, and every parallel op waits to wake them)."""
+    script = """
+import os, time, torch
+from gpt2scratch.runtime import release_openmp_threads
+torch.set_num_threads(2)
+torch.randn(4_000_000).exp_().sum()  # a parallel op: this thread gets its team
+before = len(os.listdir("/proc/self/task"))
+released = release_openmp_threads()
+for _ in range(100):  # the workers exit on their own
+    if len(os.listdir("/proc/self/task")) < before:
+        break
+    time.sleep(0.01)
+print(released, before, len(os.listdir("/proc/self/task")))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    released, before, after = out[0] == "True", int(out[1]), int(out[2])
+    assert released and after == before - 1, out  # two threads: the team had one worker beside this thread
 
 
 def reference_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:

@@ -9,8 +9,10 @@ and a row that finishes (end of text, stop string, max_tokens, or a client gone)
 Each row samples with its own settings and its own random stream (seeded by the request's seed + the choice
 index when given), so what a row generates does not depend on which rows share its batch.
 
-The engine talks to the asyncio side by events: it puts (choice, text, finish_reason) on the request's asyncio
-queue through loop.call_soon_threadsafe.
+The engine talks to the asyncio side by events: (choice, text, finish_reason) on the request's asyncio queue. A
+step's events go over together, in one loop.call_soon_threadsafe (one wake-up of the event loop per step, not one
+per token: the server's thread shares the CPU with the engine's); a row whose request is not streamed sends one
+event, when it finishes.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from gpt2scratch.generation import TextStream, decoding_step, left_pad, sample_r
 from gpt2scratch.models.gpt import GPT
 from gpt2scratch.models.kv_cache import KVCache
 from gpt2scratch.options import ServeOptions
+from gpt2scratch.runtime import release_openmp_threads
 from gpt2scratch.serve.protocol import CompletionRequest, TokenLogprob
 
 log = logging.getLogger(__name__)
@@ -64,11 +67,21 @@ class Job:
         """The client is gone: its rows leave the queue / the batch at the engine's next step."""
         self.cancelled = True
 
-    def emit(self, event: Event) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-        except RuntimeError:  # the event loop is closed: the server is shutting down
-            self.cancelled = True
+
+def _put_all(events: list[tuple[Job, Event]]) -> None:
+    """(On the event loop) each event on its request's queue."""
+    for job, event in events:
+        job.events.put_nowait(event)
+
+
+def merged(first: Event | None, then: Event) -> Event:
+    """Two events of one choice as one (the text and the tokens' logprobs of both; the later one's counts)."""
+    if first is None:
+        return then
+    logprobs = None
+    if first.logprobs is not None or then.logprobs is not None:
+        logprobs = [*(first.logprobs or []), *(then.logprobs or [])]
+    return Event(then.choice, first.text + then.text, then.finish_reason, then.completion_tokens, logprobs)
 
 
 @dataclass
@@ -79,6 +92,7 @@ class Row:
     stream: TextStream
     generator: torch.Generator
     generated: int = 0
+    held: Event | None = None  # what a row of a request that is not streamed has generated so far
 
 
 @dataclass
@@ -145,6 +159,7 @@ class Engine:
         self._caches: list[KVCache] = []
         self._pad: torch.Tensor | None = None  # (B,) left padding of each row
         self._logits: torch.Tensor | None = None  # (B, V) next-token logits of each row
+        self._outbox: list[tuple[Job, Event]] = []  # events to hand to the asyncio side (_deliver)
 
     # ---- called from the server (any thread) ------------------------------------------------------------------
 
@@ -161,6 +176,8 @@ class Engine:
         return len(self._rows)
 
     def start(self) -> None:
+        if self.device.type == "cpu":  # the engine's thread gets the cores' OpenMP workers to itself (runtime.py)
+            release_openmp_threads()
         self._thread = threading.Thread(target=self._run, name="gpt2scratch-engine", daemon=True)
         self._thread.start()
 
@@ -214,18 +231,36 @@ class Engine:
                     except Exception as error:  # the model itself failed: the batch's rows fail, not the server
                         self._fail(self._rows, error)
                         self._reset()
+                    self._deliver()
         except BaseException as error:  # pragma: no cover - the thread itself died
             self.error = error
             log.exception("the generation engine stopped")
         finally:
             self._stopping = True
             for row in [*self._rows, *self._pending]:
-                row.job.emit(Event(row.choice, "the server is shutting down", "error", row.generated))
+                self._send(row, Event(row.choice, "the server is shutting down", "error", row.generated))
+            self._deliver()
+
+    def _send(self, row: Row, event: Event) -> None:
+        self._outbox.append((row.job, event))
+
+    def _deliver(self) -> None:
+        """Hand the events sent since the last call to the asyncio side: one call per event loop."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, Event]]] = {}
+        for job, event in self._outbox:
+            by_loop.setdefault(job.loop, []).append((job, event))
+        self._outbox = []
+        for loop, events in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, events)
+            except RuntimeError:  # the event loop is closed: the server is shutting down
+                for job, _ in events:
+                    job.cancelled = True
 
     def _fail(self, rows: list[Row], error: Exception) -> None:
         log.exception(f"generation failed for {len(rows)} completion(s); they get an error")
         for row in rows:
-            row.job.emit(Event(row.choice, f"generation failed: {error}", "error", row.generated))
+            self._send(row, Event(row.choice, f"generation failed: {error}", "error", row.generated))
 
     def _reset(self) -> None:
         self._rows, self._caches, self._pad, self._logits = [], [], None, None
@@ -260,13 +295,13 @@ class Engine:
         # not compiled at warm-up: compiling it would stall the server) and prompts to be scored (their
         # log-probabilities are the eager model's, as `eval` computes them).
         forward = self.model if scored or ids.size(1) == 1 else decoding_step(self.model)
-        logits, _ = forward(ids, caches=caches, pad_lengths=pad if bool(pad.any()) else None)
+        logits, _ = forward(ids, caches=caches, pad_lengths=pad if bool(pad.any()) else None, last_only=not scored)
         if scored:
             row = new[0]
             entries = prompt_logprobs(row.prompt, logits[0], row.job.request.logprobs)
-            row.job.emit(Event(row.choice, logprobs=entries))
+            self._send(row, Event(row.choice, logprobs=entries))
             if row.job.request.max_tokens == 0:  # scoring only
-                row.job.emit(Event(row.choice, "", "length", 0))
+                self._send(row, Event(row.choice, "", "length", 0))
                 self.stats.rows_finished += 1
                 return
         if not self._rows:
@@ -330,8 +365,12 @@ class Engine:
                     finish = "stop"
                 elif row.generated >= row.job.request.max_tokens:
                     text, finish = text + row.stream.finish(), "length"
-            if text or finish or i in scored:  # (a token's logprobs go out even while its text is held back)
-                row.job.emit(Event(row.choice, text, finish, row.generated, scored.get(i)))
+            event = Event(row.choice, text, finish, row.generated, scored.get(i))
+            if finish is None and not row.job.request.stream:  # a whole answer: nothing goes out before the end
+                row.held = merged(row.held, event)
+            elif text or finish or i in scored:  # (a token's logprobs go out even while its text is held back)
+                self._send(row, merged(row.held, event))
+                row.held = None
             if finish is None:
                 keep.append(i)
                 next_ids.append(token)
@@ -356,5 +395,5 @@ class Engine:
             self._pad = self._pad - unused
         idx = torch.tensor(next_ids, device=self.device)[:, None]
         pad = self._pad if bool(self._pad.any()) else None
-        logits, _ = decoding_step(self.model)(idx, caches=self._caches, pad_lengths=pad)
+        logits, _ = decoding_step(self.model)(idx, caches=self._caches, pad_lengths=pad, last_only=True)
         self._logits = logits[:, -1, :]
