@@ -3,6 +3,7 @@
     python bench/serve_load.py                          # random `mini` model, 32 clients x 4 requests
     python bench/serve_load.py --model runs/shakespeare --clients 32 --requests 8
     python bench/serve_load.py --url http://127.0.0.1:8000 --model-name shakespeare   # a server already running
+    git worktree add /tmp/before COMMIT && python bench/serve_load.py --baseline-src /tmp/before/src  # vs that code
 
 Without --url it starts two servers on free loopback ports, one with continuous batching (--max-batch-size,
 default 16) and one with batching off (batch 1), and loads the reference, transformers' GPT2LMHeadModel
@@ -181,9 +182,15 @@ def random_model(preset: str, folder: Path) -> str:
     return str(write_random_model(folder, resolve_config(preset).model))
 
 
-def start_server(model_dir: str, max_batch_size: int, max_queue: int, variant: str = "fp32"):
-    """`gpt2scratch serve` with --dtype D, or with --dtype D --compile for a variant "D+compile"."""
+def start_server(model_dir: str, max_batch_size: int, max_queue: int, variant: str = "fp32", src: str | None = None):
+    """`gpt2scratch serve` with --dtype D, or with --dtype D --compile for a variant "D+compile"; with `src`, the
+    fp32 server of the gpt2scratch in that folder (another checkout's src/)."""
     from gpt2scratch.testing import ServerProcess
+
+    if src is not None:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+        options = ["--max-batch-size", str(max_batch_size), "--max-queue", str(max_queue)]
+        return ServerProcess(model_dir, *options, "--model-name", "bench", "--device", "cpu", env=env)
 
     dtype, _, compiled = variant.partition("+")
     options = ["--max-batch-size", str(max_batch_size), "--max-queue", str(max_queue), "--dtype", dtype]
@@ -264,6 +271,11 @@ def main() -> None:
         default=["fp32", "bf16", "int8", "bf16+compile", "int8+compile"],
         help="our servers: --dtype D at --max-batch-size (D+compile: --dtype D --compile; D@N: at batch N)",
     )
+    parser.add_argument(
+        "--baseline-src",
+        help="also the fp32 server of another checkout (its src/ folder, e.g. a git worktree of an earlier commit), "
+        "with ratios of ours to it",
+    )
     args = parser.parse_args()
     header = (
         f"{'':<26} {'sent':>5} {'failed':>6} {'429':>5} {'tokens':>7} {'wall s':>7} {'tok/s':>8} "
@@ -292,6 +304,9 @@ def main() -> None:
                 batch = int(batch or args.max_batch_size)
                 servers[f"ours {variant}, batch {batch}"] = start_server(model_dir, batch, args.max_queue, variant)
             servers["ours fp32, batch 1"] = start_server(model_dir, 1, args.max_queue)
+            if args.baseline_src:
+                baseline = f"baseline fp32, batch {args.max_batch_size}"
+                servers[baseline] = start_server(model_dir, args.max_batch_size, args.max_queue, src=args.baseline_src)
             results: dict[str, list[Result]] = {name: [] for name in [*servers, "transformers, serial"]}
             for round_index in range(args.rounds):
                 for name, server in servers.items():
@@ -310,10 +325,10 @@ def main() -> None:
         reference_rate = rates.pop("transformers, serial")
         for name, rate in rates.items():
             print(f"{name} / transformers serial: {rate / reference_rate:.2f}x tokens/s")
-        fp32 = rates.get(f"ours fp32, batch {args.max_batch_size}")
-        for name, rate in rates.items():
-            if fp32 and name.startswith("ours") and not name.endswith(", batch 1"):
-                print(f"{name} / ours fp32, batch {args.max_batch_size}: {rate / fp32:.2f}x tokens/s")
+        for base in (f"ours fp32, batch {args.max_batch_size}", f"baseline fp32, batch {args.max_batch_size}"):
+            for name, rate in rates.items():
+                if base in rates and name.startswith("ours") and not name.endswith(", batch 1"):
+                    print(f"{name} / {base}: {rate / rates[base]:.2f}x tokens/s")
         sys.exit(1 if any(r.failed for rounds in results.values() for r in rounds) else 0)
 
 

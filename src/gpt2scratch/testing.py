@@ -100,12 +100,19 @@ class ServerProcess:
     """`gpt2scratch serve MODEL OPTIONS` in a subprocess on a free loopback port; `url` answers once started.
     Its output goes to a temporary file (a pipe nobody reads could fill up and stall the server)."""
 
-    def __init__(self, model: str | Path, *options: str, port: int | None = None, start_timeout: float = 120):
+    def __init__(
+        self,
+        model: str | Path,
+        *options: str,
+        port: int | None = None,
+        start_timeout: float = 120,
+        env: dict[str, str] | None = None,
+    ):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         command = [*COMMAND, "serve", str(model), "--port", str(self.port), "--log-level", "warning", *options]
         self._output = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed in stop())
-        self.process = subprocess.Popen(command, stdout=self._output, stderr=subprocess.STDOUT, text=True)
+        self.process = subprocess.Popen(command, stdout=self._output, stderr=subprocess.STDOUT, text=True, env=env)
         deadline = time.time() + start_timeout
         while time.time() < deadline:
             if self.process.poll() is not None:
