@@ -235,7 +235,10 @@ def release_openmp_threads() -> bool:
         return False
     released = False
     for path in sorted({line.split()[-1] for line in maps.splitlines() if "/libgomp" in line}):
-        pause = getattr(ctypes.CDLL(path), "omp_pause_resource_all", None)  # libgomp of GCC >= 9
+        try:
+            pause = getattr(ctypes.CDLL(path), "omp_pause_resource_all", None)  # libgomp of GCC >= 9
+        except OSError:  # a library file replaced since it was loaded ("... (deleted)")
+            continue
         if pause is not None:
             pause.argtypes, pause.restype = [ctypes.c_int], ctypes.c_int
             released |= pause(_OMP_PAUSE_HARD) == 0
