@@ -187,14 +187,13 @@ def start_server(model_dir: str, max_batch_size: int, max_queue: int, variant: s
     fp32 server of the gpt2scratch in that folder (another checkout's src/)."""
     from gpt2scratch.testing import ServerProcess
 
-    if src is not None:
+    options = ["--max-batch-size", str(max_batch_size), "--max-queue", str(max_queue)]
+    if src is not None:  # (no --dtype: checkouts older than it serve fp32)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-        options = ["--max-batch-size", str(max_batch_size), "--max-queue", str(max_queue)]
         return ServerProcess(model_dir, *options, "--model-name", "bench", "--device", "cpu", env=env)
 
     dtype, _, compiled = variant.partition("+")
-    options = ["--max-batch-size", str(max_batch_size), "--max-queue", str(max_queue), "--dtype", dtype]
-    options += ["--compile"] if compiled else []
+    options += ["--dtype", dtype] + (["--compile"] if compiled else [])
     start_timeout = 900 if compiled else 120  # compiling the decoding steps takes minutes on a first run
     return ServerProcess(model_dir, *options, "--model-name", "bench", "--device", "cpu", start_timeout=start_timeout)
 
