@@ -17,7 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from gpt2scratch.config import resolve_config
 from gpt2scratch.models import GPT
-from gpt2scratch.runtime import pick_device, pick_precision
+from gpt2scratch.runtime import keep_freed_memory, pick_device, pick_precision
 from train_speed import Variant
 
 
@@ -34,6 +34,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=25)
     args = parser.parse_args()
     device, _ = pick_device(args.device)
+    keep_freed_memory()  # as `gpt2scratch train` runs
     precision, _ = pick_precision(args.precision, device)
     config = replace(resolve_config(args.preset).model, drop_rate=args.drop_rate)
     torch.manual_seed(0)

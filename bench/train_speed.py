@@ -28,7 +28,7 @@ from gpt2scratch.config import TrainingConfig, resolve_config
 from gpt2scratch.estimates import flops_per_token
 from gpt2scratch.hf import hf_model_from_gpt
 from gpt2scratch.models import GPT
-from gpt2scratch.runtime import Runtime, gpu_peak_flops, pick_device, pick_precision
+from gpt2scratch.runtime import Runtime, gpu_peak_flops, keep_freed_memory, pick_device, pick_precision
 from gpt2scratch.trainer import configure_optimizer
 
 
@@ -49,6 +49,7 @@ def main() -> None:
     args = parser.parse_args()
 
     device, _ = pick_device(args.device)
+    keep_freed_memory()  # as `gpt2scratch train` runs (setup_runtime): each step reuses the last step's memory
     use_compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -156,7 +157,7 @@ class Variant:
         x, y = self.runtime.to_device(self.batch[:, :-1].numpy(), self.batch[:, 1:].numpy())
         with self.runtime.autocast():
             if self.side == "ours":
-                _, loss = self.forward(x, y)
+                _, loss = self.forward(x, y, return_logits=False)
             else:  # transformers shifts the labels itself: give it the whole row
                 full = torch.cat([x, y[:, -1:]], dim=1)
                 loss = self.forward(input_ids=full[:, :-1], labels=full[:, :-1]).loss

@@ -104,6 +104,53 @@ def test_training_with_a_padded_vocabulary_exports_what_the_unpadded_one_does(ha
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# The LM head and the loss in one function (what training runs: return_logits=False).
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("weight_tying", [False, True])
+def test_fused_loss_gives_the_plain_loss_and_gradients(device, precision, weight_tying, monkeypatch):
+    """Against F.cross_entropy over the logits, same weights and autocast: a padded vocabulary, ignored targets, a
+    loss scaled as gradient accumulation scales it, and a vocabulary of several softmax blocks."""
+    from gpt2scratch.models import linear_cross_entropy
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    monkeypatch.setattr(linear_cross_entropy, "BLOCK_ELEMENTS", 7 * 1000)  # 96 rows: 13 blocks of 7, one of 5
+    config = model_config(weight_tying=weight_tying)
+    x = torch.randint(0, 1000, (3, 32), device=device)
+    y = torch.randint(0, 1000, (3, 32), device=device)
+    y[1, 5:9] = -100  # IGNORE_INDEX: not counted in the mean
+    results = []
+    for return_logits in (True, False):
+        torch.manual_seed(0)
+        model = GPT(config, pad_vocab=64).to(device).train()
+        with torch.autocast(device, torch.bfloat16, enabled=precision == "bf16"):
+            logits, loss = model(x, y, return_logits=return_logits)
+        assert (logits is None) == (not return_logits)
+        (loss * 0.25).backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+        assert model.lm_head.weight.grad[1000:].abs().sum() == 0  # the padding rows get no gradient
+    (plain_loss, plain_grads), (fused_loss, fused_grads) = results
+    tolerance = dict(rtol=1e-5, atol=1e-6) if precision == "fp32" else dict(rtol=2e-2, atol=2e-4)
+    assert_close(fused_loss, plain_loss, **tolerance)
+    for name in plain_grads:
+        assert_close(fused_grads[name], plain_grads[name], **tolerance, msg=name)
+
+
+def test_fused_loss_leaves_fp16_to_the_plain_path():
+    """fp16 needs the loss scaler's scaling before its tiny logit gradients are rounded: the plain path runs."""
+    from gpt2scratch.models.linear_cross_entropy import fusable
+
+    x = torch.randn(4, 8)
+    assert fusable(x)
+    with torch.autocast("cpu", torch.bfloat16):
+        assert fusable(x)
+    with torch.autocast("cpu", torch.float16):
+        assert not fusable(x)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Activation checkpointing, compile, precisions.
 
 

@@ -282,7 +282,7 @@ class Trainer:
 
     def _forward(self, x: torch.Tensor, y: torch.Tensor):
         try:
-            return self.model(x, y)
+            return self.model(x, y, return_logits=False)
         except torch.OutOfMemoryError:
             raise TrainingError(
                 f"out of memory with micro-batch {self.config.training.batch_size} x "
@@ -296,7 +296,7 @@ class Trainer:
             self.compiled = False
             self.model = wrap(self.raw_model, self.runtime, self.config.training.fsdp, compile=False)
             self._zero_grad()
-            return self.model(x, y)
+            return self.model(x, y, return_logits=False)
 
     def _zero_grad(self) -> None:
         for optimizer in self.optimizers:

@@ -17,6 +17,7 @@ from gpt2scratch.config import IGNORE_INDEX, GPTConfig
 from gpt2scratch.models.dropout import Dropout
 from gpt2scratch.models.kv_cache import KVCache
 from gpt2scratch.models.layer_norm import LayerNorm
+from gpt2scratch.models.linear_cross_entropy import fusable, linear_cross_entropy
 from gpt2scratch.models.transformer_block import TransformerBlock
 
 INIT_STD = 0.02  # GPT-2's initializer_range
@@ -83,7 +84,8 @@ class GPT(nn.Module):
         caches: list[KVCache] | None = None,
         pad_lengths: torch.Tensor | None = None,
         last_only: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return_logits: bool = True,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """idx: (B, T) token ids -> (logits (B, T, vocab_size), mean cross-entropy over targets or None).
 
         targets: (B, T), already shifted (targets[:, t] is the token after idx[:, t]); IGNORE_INDEX is skipped.
@@ -92,6 +94,8 @@ class GPT(nn.Module):
             tokens are padding, masked out of attention, and its positions start at 0 after them.
         last_only: logits of the last position only, (B, 1, vocab_size): what decoding needs after a prompt (the LM
             head, a third of GPT-2 124M's weights, then skips the prompt's other positions).
+        return_logits=False with targets: the loss only (logits None), through linear_cross_entropy, which never
+            keeps the logits in fp32: what training asks for (eager; a compiled model fuses the plain loss itself).
         """
         if last_only and targets is not None:
             raise ValueError("last_only gives the last position's logits only: a loss over targets needs them all")
@@ -113,6 +117,11 @@ class GPT(nn.Module):
         if last_only:
             x = x[:, -1:, :]
         x = self.transformer.ln_f(x)
+        if targets is not None and not return_logits and fusable(x):
+            loss = linear_cross_entropy(
+                x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1), self.config.vocab_size
+            )
+            return None, loss
         logits = self.lm_head(x)  # (B, T, padded_vocab_size)
         if self.padded_vocab_size != self.config.vocab_size:
             logits = logits[..., : self.config.vocab_size]  # (B, T, vocab_size)
