@@ -384,6 +384,40 @@ def test_cpu_causal_attention_with_dropout_is_attention(T):
         assert not torch.allclose(dropped, reference)
 
 
+@pytest.mark.parametrize("T", [600, 1024])
+def test_cpu_attention_dropout_backward_is_autograds(T):
+    """With dropout on: the written-out backward gives autograd's gradients of the same computation, same masks."""
+    import math
+
+    from gpt2scratch.models.dropout import causal_attention_with_dropout, keep_mask
+
+    def autograd_version(q, k, v, p, block=256):  # the same blocks, drawing the same masks in the same order
+        att_all = []
+        for start in range(0, T, block):
+            end = min(T, start + block)
+            att = q[:, :, start:end] @ k[:, :, :end].transpose(-2, -1) / math.sqrt(q.size(-1))
+            att = att.masked_fill(torch.ones(end - start, end, dtype=torch.bool).triu(start + 1), float("-inf"))
+            att = torch.softmax(att, dim=-1)
+            keep, scale = keep_mask(att.shape, p, att.device)
+            att_all.append((att * keep * scale) @ v[:, :, :end])
+        return torch.cat(att_all, dim=2)
+
+    q, k, v = (torch.randn(2, 3, T, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    grad_out = torch.randn(2, 3, T, 16, dtype=torch.float64)
+    results = []
+    for attention in (causal_attention_with_dropout, autograd_version):
+        torch.manual_seed(7)
+        out = attention(q, k, v, 0.1)
+        results.append((out, *torch.autograd.grad(out, (q, k, v), grad_out)))
+    for ours, reference in zip(*results, strict=True):
+        assert_close(ours, reference, rtol=1e-10, atol=1e-10)
+    with torch.autocast("cpu", torch.bfloat16):  # bf16 matmuls, fp32 softmax: the same to bf16 rounding
+        torch.manual_seed(7)
+        out = causal_attention_with_dropout(*(t.bfloat16() for t in (q, k, v)), 0.1)
+    assert out.dtype == torch.bfloat16
+    assert_close(out.double(), results[1][0], rtol=0.05, atol=0.05)
+
+
 def test_cpu_training_with_dropout_takes_the_cheap_path(monkeypatch):
     from gpt2scratch.models import dropout
 
