@@ -29,7 +29,7 @@ from gpt2scratch.estimates import flops_per_token
 from gpt2scratch.hf import hf_model_from_gpt
 from gpt2scratch.models import GPT
 from gpt2scratch.runtime import Runtime, gpu_peak_flops, keep_freed_memory, pick_device, pick_precision
-from gpt2scratch.trainer import configure_optimizer
+from gpt2scratch.trainer import clip_gradients, configure_optimizer
 
 
 def main() -> None:
@@ -163,7 +163,7 @@ class Variant:
                 loss = self.forward(input_ids=full[:, :-1], labels=full[:, :-1]).loss
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        clip_gradients(list(self.model.parameters()), 1.0)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)

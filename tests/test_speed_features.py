@@ -198,6 +198,28 @@ def test_autocast_losses_follow_fp32(device, precision, hamlet_data, tmp_path):
     assert low[-1] < low[0] - 0.3  # and it learns
 
 
+@pytest.mark.parametrize("max_norm", [1e-3, 1.0, 1e3, None])
+def test_clip_gradients_is_clip_grad_norm(max_norm):
+    """The same gradients bit for bit and the same norm as clip_grad_norm_, clipping or not."""
+    from gpt2scratch.trainer import clip_gradients
+
+    x = torch.randint(0, 1000, (2, 32))
+    results = []
+    for clip in ("ours", "torch"):
+        torch.manual_seed(0)
+        model = GPT(model_config())
+        model(x, x)[1].backward()
+        parameters = list(model.parameters())
+        if clip == "ours":
+            norm = clip_gradients(parameters, max_norm)
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm or float("inf")).item()
+        results.append((norm, [p.grad.clone() for p in parameters]))
+    (ours_norm, ours), (torch_norm, reference) = results
+    assert ours_norm == torch_norm and 1e-3 < ours_norm < 1e3  # (so both regimes are tested)
+    assert all(torch.equal(a, b) for a, b in zip(ours, reference, strict=True))
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_fused_and_foreach_adamw_agree(fused, hamlet_data, tmp_path):
     base = train(make_config(hamlet_data, fused_adamw=True), tmp_path / "fused")[1]

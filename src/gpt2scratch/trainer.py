@@ -101,6 +101,18 @@ def configure_optimizers(model: torch.nn.Module, training: TrainingConfig, devic
     return [muon, configure_optimizer(model, training, device, exclude=chosen)]
 
 
+def clip_gradients(parameters: list[torch.nn.Parameter], max_norm: float | None) -> float:
+    """`clip_grad_norm_(parameters, max_norm)`, returning the norm before clipping as a float, without the pass
+    that multiplies every gradient by 1 when the norm is within max_norm (clip_grad_norm_ scales by its clamped
+    coefficient either way: ~25 ms of GPT-2 124M's CPU step). The same gradients bit for bit. max_norm None or 0:
+    the norm only."""
+    total = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+    value = total.full_tensor() if hasattr(total, "full_tensor") else total  # FSDP2: a DTensor
+    if max_norm and (max_norm / (value + 1e-6)).item() < 1.0:  # clip_grad_norm_'s coefficient, before its clamp
+        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total)
+    return value.item()
+
+
 def configure_optimizer(
     model: torch.nn.Module, training: TrainingConfig, device: torch.device, exclude: set[int] = frozenset()
 ):
@@ -251,10 +263,8 @@ class Trainer:
             loss_sum /= runtime.world_size
         for optimizer in self.optimizers:
             self.scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), t.grad_clip or float("inf"))
-        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
-            grad_norm = grad_norm.full_tensor()
-        train_loss, grad_norm = loss_sum.item(), grad_norm.item()
+        grad_norm = clip_gradients(list(self.raw_model.parameters()), t.grad_clip)
+        train_loss = loss_sum.item()
         # (fp16: the scaler skips updates with non-finite gradients and lowers its scale by itself)
         if not math.isfinite(train_loss) or (not self.scaler.is_enabled() and not math.isfinite(grad_norm)):
             self._skip_step(train_loss, grad_norm)
