@@ -94,8 +94,8 @@ class GPT(nn.Module):
             tokens are padding, masked out of attention, and its positions start at 0 after them.
         last_only: logits of the last position only, (B, 1, vocab_size): what decoding needs after a prompt (the LM
             head, a third of GPT-2 124M's weights, then skips the prompt's other positions).
-        return_logits=False with targets: the loss only (logits None), through linear_cross_entropy, which never
-            keeps the logits in fp32: what training asks for (eager; a compiled model fuses the plain loss itself).
+        return_logits=False with targets: the loss only (logits None), on a CPU through linear_cross_entropy, which
+            never keeps the logits in fp32: what training asks for (a compiled model fuses the plain loss itself).
         """
         if last_only and targets is not None:
             raise ValueError("last_only gives the last position's logits only: a loss over targets needs them all")
@@ -130,7 +130,7 @@ class GPT(nn.Module):
             loss = F.cross_entropy(
                 logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX
             )
-        return logits, loss
+        return logits if return_logits else None, loss
 
     def check_input(self, idx: torch.Tensor, past: int = 0) -> None:
         """Raise a ValueError that names the problem if idx is not (B, T) token ids that fit the model after `past`
