@@ -15,6 +15,8 @@ import urllib.request
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.testing import assert_close
 
 from gpt2scratch import checkpoint
@@ -136,6 +138,47 @@ def test_fused_loss_gives_the_plain_loss_and_gradients(device, precision, weight
     assert_close(fused_loss, plain_loss, **tolerance)
     for name in plain_grads:
         assert_close(fused_grads[name], plain_grads[name], **tolerance, msg=name)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, 40),
+    vocab=st.integers(2, 70),
+    padding=st.integers(0, 9),
+    block_rows=st.integers(1, 12),
+    ignored=st.floats(0.0, 0.9),
+    scale=st.sampled_from([1.0, 0.25, 3.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_fused_loss_equals_cross_entropy_on_any_shape(rows, vocab, padding, block_rows, ignored, scale, seed):
+    """linear_cross_entropy against F.cross_entropy in fp64: any number of rows, vocabulary, padding rows, block
+    size and share of ignored targets (all of them ignored: both give nan)."""
+    import torch.nn.functional as F
+
+    from gpt2scratch.models import linear_cross_entropy as lce
+
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, 8, dtype=torch.float64, generator=generator, requires_grad=True)
+    weight = torch.randn(vocab + padding, 8, dtype=torch.float64, generator=generator)
+    weight[vocab:] = 0
+    weight.requires_grad_()
+    targets = torch.randint(0, vocab, (rows,), generator=generator)
+    targets[torch.rand(rows, generator=generator) < ignored] = -100
+    original = lce.BLOCK_ELEMENTS
+    lce.BLOCK_ELEMENTS = block_rows * vocab
+    try:
+        fused = lce.linear_cross_entropy(x, weight, targets, vocab)
+    finally:
+        lce.BLOCK_ELEMENTS = original
+    plain = F.cross_entropy(F.linear(x, weight)[:, :vocab], targets, ignore_index=-100)
+    if bool((targets == -100).all()):
+        assert fused.isnan() and plain.isnan()
+        return
+    assert_close(fused, plain, rtol=1e-12, atol=1e-12)
+    ours = torch.autograd.grad(fused * scale, (x, weight))
+    for a, b in zip(ours, torch.autograd.grad(plain * scale, (x, weight)), strict=True):
+        assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert ours[1][vocab:].abs().sum() == 0
 
 
 def test_fused_loss_leaves_fp16_to_the_plain_path():
