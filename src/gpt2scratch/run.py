@@ -116,6 +116,7 @@ def train(
             model_state = checkpoint.full_model_state(trainer.raw_model)  # every rank takes part (FSDP gathers)
             if runtime.is_main:
                 hf_dir = _export(trainer, model_state, run_dir / "hf")
+            barrier()  # the ranks take the process group down together, not while rank 0 still exports
     finally:
         close_distributed()
     return TrainResult(
