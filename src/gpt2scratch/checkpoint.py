@@ -29,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from gpt2scratch.config import due
+from gpt2scratch.models import cpu_matmul
 from gpt2scratch.runtime import Runtime, barrier
 
 CKPT_DIR = "ckpt"
@@ -255,8 +256,9 @@ def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 class Checkpointer:
     """Saves a run every `save_every` steps and at its last, keeps the newest `keep_last` and the best by val
-    loss, and restores the latest one for --resume: weights, optimizer, gradient scaler and every rank's RNG.
-    The trainer's own state (step, loader position, best val loss, ...) travels in state.json."""
+    loss, and restores the latest one for --resume: weights, optimizer, gradient scaler, and every rank's RNG and
+    CPU matmul plans (models/cpu_matmul.py). The trainer's own state (step, loader position, best val loss, ...)
+    travels in state.json."""
 
     def __init__(self, run_dir: str | Path, runtime: Runtime, save_every: int, keep_last: int, tokenizer_dir: Path):
         self.root = Path(run_dir) / CKPT_DIR
@@ -276,7 +278,7 @@ class Checkpointer:
         optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
         if scaler.is_enabled():
             optimizer_state = {**optimizer_state, "grad_scaler": scaler.state_dict()}
-        rng = {"cpu": torch.get_rng_state()}
+        rng = {"cpu": torch.get_rng_state(), "matmul_plans": cpu_matmul.plans()}  # (plans: they round too)
         if self.runtime.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.runtime.device)
         rng_states = [rng]
@@ -333,6 +335,7 @@ class Checkpointer:
         rank = self.runtime.rank
         rng = rng_states[rank] if rank < len(rng_states) else rng_states[0]
         torch.set_rng_state(rng["cpu"])
+        cpu_matmul.set_plans(rng.get("matmul_plans", {}))
         if "cuda" in rng and self.runtime.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.runtime.device)
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gpt2scratch.models.linear import Linear
 from gpt2scratch.options import DTYPES  # noqa: F401  (one list for the flags and this module)
 from gpt2scratch.runtime import cpu_has_native_bf16
 
@@ -131,7 +132,7 @@ def apply_dtype(model: nn.Module, dtype: str) -> nn.Module:
     for block in model.transformer.h:
         for parent in (block.attn, block.mlp):
             for name, child in list(parent.named_children()):
-                if type(child) is nn.Linear:
+                if type(child) in (nn.Linear, Linear):  # not one already converted
                     setattr(parent, name, low(child))
     model.decode_dtype = dtype
     return model

@@ -6,14 +6,15 @@ from torch import nn
 from gpt2scratch.config import GPTConfig
 from gpt2scratch.models.dropout import Dropout
 from gpt2scratch.models.gelu import GELU
+from gpt2scratch.models.linear import Linear
 
 
 class FeedForward(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.emb_dim, 4 * config.emb_dim)
+        self.c_fc = Linear(config.emb_dim, 4 * config.emb_dim)
         self.act = GELU()
-        self.c_proj = nn.Linear(4 * config.emb_dim, config.emb_dim)  # residual projection: scaled init in gpt.py
+        self.c_proj = Linear(4 * config.emb_dim, config.emb_dim)  # residual projection: scaled init in gpt.py
         self.dropout = Dropout(config.drop_rate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

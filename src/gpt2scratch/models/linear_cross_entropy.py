@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from gpt2scratch.config import IGNORE_INDEX
+from gpt2scratch.models.cpu_matmul import mm, planned
 
 BLOCK_ELEMENTS = 1 << 21  # logits per softmax block: 8 MB of fp32 (41 rows of GPT-2's vocabulary; measured best)
 
@@ -47,7 +48,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         input_dtype = x.dtype
         with torch.autocast(device, enabled=False):
             x, w = x.to(dtype), weight.to(dtype)
-            logits = x @ w.t()  # (N, V): overwritten by its own gradient below
+            logits = _mm(x, w.t())  # (N, V): overwritten by its own gradient below
             wide = torch.promote_types(dtype, torch.float32)  # the softmax's dtype
             counted = targets != IGNORE_INDEX
             share = counted.to(wide) / counted.sum()  # each counted row's weight in the mean
@@ -74,6 +75,10 @@ class LinearCrossEntropy(torch.autograd.Function):
         input_dtype, weight_dtype = ctx.dtypes
         with torch.autocast(grad_logits.device.type, enabled=False):
             scale = grad_loss.to(x.dtype)  # 1, or 1 / accumulation steps: applied to the two small operands
-            grad_x = ((grad_logits @ w) * scale).to(input_dtype)
-            grad_w = (grad_logits.t() @ (x * scale)).to(weight_dtype)
+            grad_x = (_mm(grad_logits, w) * scale).to(input_dtype)
+            grad_w = _mm(grad_logits.t(), x * scale).to(weight_dtype)
         return grad_x, grad_w, None, None
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return mm(a, b) if planned(a) else a @ b

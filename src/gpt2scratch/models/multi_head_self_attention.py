@@ -17,6 +17,7 @@ from torch import nn
 from gpt2scratch.config import GPTConfig
 from gpt2scratch.models.dropout import Dropout, causal_attention_with_dropout, uses_fast_mask
 from gpt2scratch.models.kv_cache import KVCache
+from gpt2scratch.models.linear import Linear
 
 ATTENTION_IMPLS = ("sdpa", "reference")
 
@@ -31,8 +32,8 @@ class MultiHeadSelfAttention(nn.Module):
         self.emb_dim = config.emb_dim
         self.drop_rate = config.drop_rate
         # q, k and v in one matmul; GPT-2 names (attn.c_attn, attn.c_proj) so HF interop is a transpose.
-        self.c_attn = nn.Linear(config.emb_dim, 3 * config.emb_dim, bias=config.qkv_bias)
-        self.c_proj = nn.Linear(config.emb_dim, config.emb_dim)  # residual projection: scaled init in gpt.py
+        self.c_attn = Linear(config.emb_dim, 3 * config.emb_dim, bias=config.qkv_bias)
+        self.c_proj = Linear(config.emb_dim, config.emb_dim)  # residual projection: scaled init in gpt.py
         self.attn_dropout = Dropout(config.drop_rate)
         self.resid_dropout = Dropout(config.drop_rate)
 

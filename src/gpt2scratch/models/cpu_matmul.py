@@ -1,0 +1,90 @@
+"""Matmuls for training on CPUs in bf16, each shape cut into the row blocks that run fastest on this machine.
+
+oneDNN, which runs PyTorch's bf16 matmuls on a CPU, picks its own blocking and threading for each shape, and some
+shapes of a GPT-2 step come out far below the rest. On the project's 2-core AMX machine,
+(1024 x 3072) @ (3072 x 768) runs at ~1,100 GFLOP/s while its two halves of 512 rows, one after the other, run at
+~2,000; so do several other products with 768 columns (GPT-2 124M: ~90 ms of a 1.2 s step). Which shapes gain
+differs from one CPU and library version to the next, so nothing is assumed: the first time a shape is met, `mm`
+times it whole and in 2 and 4 blocks of rows and keeps the fastest (a split has to win by SPLIT_MARGIN).
+
+A split changes the rounding of some results (the library sums in another order for another shape), so the
+choices are part of a run's state: the trainer saves `plans()` with each checkpoint and `set_plans` restores them
+on --resume, so that a resumed run computes exactly what the uninterrupted one did.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+SPLITS = (1, 2, 4)  # row blocks tried
+SPLIT_MARGIN = 0.9  # a split is kept only if it takes at most this share of the whole product's time
+MIN_ROWS = 256  # rows per block at least
+MIN_WORK = 1 << 27  # multiply-adds below which a product runs whole, untimed (too short to time reliably)
+TRIALS = 3  # timed runs of each candidate, interleaved; the median counts
+
+_plans: dict[str, int] = {}  # shape key -> row blocks
+
+
+def planned(x: torch.Tensor) -> bool:
+    """Whether a training matmul on x goes through `mm`: bf16 on a CPU, not inside torch.compile (inductor picks
+    its own kernels)."""
+    return x.device.type == "cpu" and x.dtype == torch.bfloat16 and not torch.compiler.is_compiling()
+
+
+def mm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b (+ bias), a (M, K), b (K, N), bias (N,): the rows of a in the number of blocks planned for this shape."""
+    key = _key(a, b, bias)
+    parts = _plans.get(key)
+    if parts is None:
+        parts = _plans[key] = _choose(a, b, bias)
+    return _split_mm(a, b, bias, parts)
+
+
+def plans() -> dict[str, int]:
+    """The choices made so far (shape -> row blocks), for a checkpoint."""
+    return dict(_plans)
+
+
+def set_plans(saved: dict[str, int]) -> None:
+    """Restore choices saved by `plans()` (they replace this process's for the same shapes)."""
+    _plans.update({str(key): int(parts) for key, parts in saved.items()})
+
+
+def _key(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> str:
+    layout = "".join("n" if t.stride(-1) == 1 else "t" for t in (a, b))  # row-major or a transposed view
+    bias_text = "+bias" if bias is not None else ""
+    return f"{a.dtype} {a.size(0)}x{a.size(1)}x{b.size(1)} {layout}{bias_text} {torch.get_num_threads()} threads"
+
+
+def _split_mm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, parts: int) -> torch.Tensor:
+    if parts == 1:
+        return a @ b if bias is None else torch.addmm(bias, a, b)
+    out = a.new_empty(a.size(0), b.size(1))
+    rows = -(-a.size(0) // parts)
+    for start in range(0, a.size(0), rows):
+        if bias is None:
+            torch.mm(a[start : start + rows], b, out=out[start : start + rows])
+        else:
+            torch.addmm(bias, a[start : start + rows], b, out=out[start : start + rows])
+    return out
+
+
+def _choose(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> int:
+    """The number of row blocks that runs a @ b fastest here (1 for small products)."""
+    candidates = [parts for parts in SPLITS if a.size(0) // parts >= MIN_ROWS]
+    if len(candidates) < 2 or a.size(0) * a.size(1) * b.size(1) < MIN_WORK:
+        return 1
+    seconds: dict[int, list[float]] = {parts: [] for parts in candidates}
+    for parts in candidates:  # first run of each: the library builds its kernel for the shape
+        _split_mm(a, b, bias, parts)
+    for _ in range(TRIALS):
+        for parts in candidates:
+            started = time.perf_counter()
+            _split_mm(a, b, bias, parts)
+            seconds[parts].append(time.perf_counter() - started)
+    median = {parts: statistics.median(times) for parts, times in seconds.items()}
+    fastest = min(median, key=median.get)
+    return fastest if median[fastest] <= SPLIT_MARGIN * median[1] else 1
