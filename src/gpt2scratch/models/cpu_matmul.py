@@ -6,6 +6,7 @@ shapes of a GPT-2 step come out far below the rest. On the project's 2-core AMX 
 ~2,000; so do several other products with 768 columns (GPT-2 124M: ~90 ms of a 1.2 s step). Which shapes gain
 differs from one CPU and library version to the next, so nothing is assumed: the first time a shape is met, `mm`
 times it whole and in 2 and 4 blocks of rows and keeps the fastest (a split has to win by SPLIT_MARGIN).
+GPT2SCRATCH_CPU_MATMUL_PLANS=0 in the environment runs every product whole.
 
 A split changes the rounding of some results (the library sums in another order for another shape), so the
 choices are part of a run's state: the trainer saves `plans()` with each checkpoint and `set_plans` restores them
@@ -14,6 +15,7 @@ on --resume, so that a resumed run computes exactly what the uninterrupted one d
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -24,6 +26,8 @@ SPLIT_MARGIN = 0.9  # a split is kept only if it takes at most this share of the
 MIN_ROWS = 256  # rows per block at least
 MIN_WORK = 1 << 27  # multiply-adds below which a product runs whole, untimed (too short to time reliably)
 TRIALS = 3  # timed runs of each candidate, interleaved; the median counts
+
+TIMED = os.environ.get("GPT2SCRATCH_CPU_MATMUL_PLANS", "1") != "0"  # 0: every product whole, nothing timed
 
 _plans: dict[str, int] = {}  # shape key -> row blocks
 
@@ -75,7 +79,7 @@ def _split_mm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, parts
 def _choose(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> int:
     """The number of row blocks that runs a @ b fastest here (1 for small products)."""
     candidates = [parts for parts in SPLITS if a.size(0) // parts >= MIN_ROWS]
-    if len(candidates) < 2 or a.size(0) * a.size(1) * b.size(1) < MIN_WORK:
+    if not TIMED or len(candidates) < 2 or a.size(0) * a.size(1) * b.size(1) < MIN_WORK:
         return 1
     seconds: dict[int, list[float]] = {parts: [] for parts in candidates}
     for parts in candidates:  # first run of each: the library builds its kernel for the shape
