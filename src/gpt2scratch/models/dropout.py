@@ -3,8 +3,9 @@
 `F.dropout` on a CPU draws one 32-bit number per element from the Mersenne Twister (about 6 ns each on the
 project's 2-core machines: 5 ms for one 1 x 1024 x 768 activation, 80 ms for one layer's 12 x 1024 x 1024
 attention probabilities), and `scaled_dot_product_attention` leaves its fast CPU kernel for the math path when
-dropout is on. Here a keep mask takes four 16-bit lanes from each 64-bit draw of the same generator (so seeds,
-resume and per-rank streams work as before), and the attention path below keeps dropout cheap.
+dropout is on. Here a keep mask takes four 16-bit lanes from each 64-bit word of a fast generator seeded from
+PyTorch's (so seeds, resume and per-rank streams work as before), and the attention path below keeps dropout
+cheap.
 
 The drop probability is quantised to 1/65536 (0.1 -> 6554/65536 = 0.100006) and the kept values are scaled by
 the exact inverse of the keep probability, so the layer stays unbiased. GPUs, and compiled models (inductor
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,11 +29,17 @@ def uses_fast_mask(x: torch.Tensor, p: float, training: bool) -> bool:
 
 
 def keep_mask(shape: tuple[int, ...], p: float, device: torch.device) -> tuple[torch.Tensor, float]:
-    """A boolean mask of `shape`, True with probability 1 - p (quantised to 1/65536), and the scale 1 / P(keep)."""
+    """A boolean mask of `shape`, True with probability 1 - p (quantised to 1/65536), and the scale 1 / P(keep).
+
+    The bits come from numpy's SFC64 generator (twice as fast as PyTorch's Mersenne Twister here: 1.2 vs 2.4 ms
+    for the 3 M lanes of a block of attention), seeded by one draw of PyTorch's generator: seeds, resume and
+    per-rank streams hold as for any other use of it."""
     n = math.prod(shape)
     dropped = round(p * LANES)
-    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)
-    keep = words.view(torch.int16)[:n].view(shape) >= dropped - LANES // 2
+    seed = int(torch.randint(0, 2**63 - 1, ()))
+    words = np.random.SFC64(seed).random_raw((n + 3) // 4)  # uint64
+    lanes = torch.from_numpy(words.view(np.int16))[:n].view(shape).to(device)
+    keep = lanes >= dropped - LANES // 2
     return keep, LANES / (LANES - dropped)
 
 
