@@ -5,6 +5,8 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gpt2scratch import checkpoint
 from gpt2scratch.config import TrainingConfig, resolve_config
@@ -38,6 +40,30 @@ def test_split_products_equal_the_whole_one(layout, parts, with_bias):
     torch.testing.assert_close(got.double(), exact, rtol=1e-2, atol=1e-2)  # bf16 rounding of the result
     if parts == 1:  # whole: exactly the product autocast would compute
         assert torch.equal(got, a @ b if bias is None else torch.addmm(bias, a, b))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, 300),
+    inner=st.integers(1, 40),
+    cols=st.integers(1, 40),
+    layout=st.sampled_from(["nn", "nt", "tn", "tt"]),
+    parts=st.sampled_from([1, 2, 3, 4, 7]),
+    with_bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_split_products_are_the_whole_product_on_any_shape(rows, inner, cols, layout, parts, with_bias, seed):
+    """Any shape and number of blocks (more blocks than rows included): the rows of a @ b + bias, each computed
+    whole by one block: in fp64 equal to the whole product to rounding."""
+    generator = torch.Generator().manual_seed(seed)
+    a = torch.randn(rows, inner, generator=generator, dtype=torch.float64)
+    b = torch.randn(inner, cols, generator=generator, dtype=torch.float64)
+    a = a if layout[0] == "n" else a.t().contiguous().t()
+    b = b if layout[1] == "n" else b.t().contiguous().t()
+    bias = torch.randn(cols, generator=generator, dtype=torch.float64) if with_bias else None
+    got = cpu_matmul._split_mm(a, b, bias, parts)
+    assert got.shape == (rows, cols)
+    torch.testing.assert_close(got, a @ b + (0 if bias is None else bias), rtol=1e-12, atol=1e-12)
 
 
 def test_the_choice_is_timed_and_a_split_must_win_by_the_margin(fresh_plans, monkeypatch):
