@@ -122,7 +122,7 @@ def test_linear_under_bf16_autocast_is_autocasts_linear(fresh_plans, monkeypatch
 
 def test_resume_restores_the_matmul_plans(hamlet_data, tmp_path, monkeypatch):
     """bf16 autocast training, N steps == N/2 + resume + N/2, where the resumed process would choose other splits
-    than the first one did: the checkpoint's plans are what it computes with."""
+    and the other attention than the first one did: the checkpoint's plans are what it computes with."""
     monkeypatch.setattr(cpu_matmul, "MIN_ROWS", 16)
     monkeypatch.setattr(cpu_matmul, "MIN_WORK", 0)
     config = resolve_config("tiny", overrides={"model": {"vocab_size": 512}, "data": {"dir": str(hamlet_data)}})
@@ -130,19 +130,22 @@ def test_resume_restores_the_matmul_plans(hamlet_data, tmp_path, monkeypatch):
                               sample_every=0, save_every=6, keep_last=5, precision="bf16")  # fmt: skip
     config = type(config)(config.model, training, config.data)
 
-    def fit(run_dir, choose, resume=False):
+    def fit(run_dir, choose, attention, resume=False):
         monkeypatch.setattr(cpu_matmul, "_plans", {})  # a new process
-        monkeypatch.setattr(cpu_matmul, "_choose", choose)
+        monkeypatch.setattr(cpu_matmul, "_choose", choose)  # row blocks of each product
+        monkeypatch.setattr(cpu_matmul, "_fastest", lambda candidates: attention)  # flash (0) or written out (1)
         data = DataModule(config.data.dir, config.model.context_length, training.batch_size)
         Trainer(config, run_dir, Runtime(torch.device("cpu"), "bf16", compile=False), data, resume=resume).fit()
         return cpu_matmul.plans()
 
-    fit(tmp_path / "full", lambda a, b, bias: 4 if a.size(0) % 4 == 0 else 2)
+    fit(tmp_path / "full", lambda a, b, bias: 4 if a.size(0) % 4 == 0 else 2, attention=1)
     saved = checkpoint.load_tensors(tmp_path / "full" / "ckpt" / "step_000006", "rng.pt")[0]["matmul_plans"]
-    assert saved and set(saved.values()) == {4}  # the training step's products (its rows: 4 x 64)
+    attention = {key: choice for key, choice in saved.items() if key.startswith("attention")}
+    assert attention == {f"attention torch.bfloat16 4x2x64x32 {torch.get_num_threads()} threads": 1}
+    assert set(saved.values()) == {1, 4}  # the training step's products (its rows: 4 x 64) and its attention
     (tmp_path / "half" / "ckpt").mkdir(parents=True)
     shutil.copytree(tmp_path / "full" / "ckpt" / "step_000006", tmp_path / "half" / "ckpt" / "step_000006")
-    resumed = fit(tmp_path / "half", lambda a, b, bias: 1, resume=True)
+    resumed = fit(tmp_path / "half", lambda a, b, bias: 1, attention=0, resume=True)
     assert {key: resumed[key] for key in saved} == saved
     full, half = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "half")
     assert [half[s] for s in range(7, 13)] == [full[s] for s in range(7, 13)]

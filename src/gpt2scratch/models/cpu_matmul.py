@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -76,19 +77,34 @@ def _split_mm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, parts
     return out
 
 
+def choose(key: str, candidates: Callable[[], list[Callable[[], object]]]) -> int:
+    """Which of several ways of doing the same work to use for `key`: the index of the fastest of `candidates()`,
+    timed the first time `key` is met and remembered with the other plans (0 when GPT2SCRATCH_CPU_MATMUL_PLANS=0)."""
+    choice = _plans.get(key)
+    if choice is None:
+        choice = _plans[key] = _fastest(candidates()) if TIMED else 0
+    return choice
+
+
 def _choose(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> int:
     """The number of row blocks that runs a @ b fastest here (1 for small products)."""
     candidates = [parts for parts in SPLITS if a.size(0) // parts >= MIN_ROWS]
     if not TIMED or len(candidates) < 2 or a.size(0) * a.size(1) * b.size(1) < MIN_WORK:
         return 1
-    seconds: dict[int, list[float]] = {parts: [] for parts in candidates}
-    for parts in candidates:  # first run of each: the library builds its kernel for the shape
-        _split_mm(a, b, bias, parts)
+    return candidates[_fastest([lambda parts=parts: _split_mm(a, b, bias, parts) for parts in candidates])]
+
+
+def _fastest(candidates: list[Callable[[], object]]) -> int:
+    """The index of the candidate with the shortest median time (each run once untimed, then TRIALS times,
+    interleaved); the first one unless another takes at most SPLIT_MARGIN of its time."""
+    for run in candidates:  # first run of each: the library builds its kernels for the shape
+        run()
+    seconds: list[list[float]] = [[] for _ in candidates]
     for _ in range(TRIALS):
-        for parts in candidates:
+        for i, run in enumerate(candidates):
             started = time.perf_counter()
-            _split_mm(a, b, bias, parts)
-            seconds[parts].append(time.perf_counter() - started)
-    median = {parts: statistics.median(times) for parts, times in seconds.items()}
-    fastest = min(median, key=median.get)
-    return fastest if median[fastest] <= SPLIT_MARGIN * median[1] else 1
+            run()
+            seconds[i].append(time.perf_counter() - started)
+    median = [statistics.median(times) for times in seconds]
+    fastest = min(range(len(candidates)), key=median.__getitem__)
+    return fastest if median[fastest] <= SPLIT_MARGIN * median[0] else 0

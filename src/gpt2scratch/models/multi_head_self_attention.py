@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpt2scratch.config import GPTConfig
+from gpt2scratch.models.cpu_attention import causal_attention
 from gpt2scratch.models.dropout import Dropout, causal_attention_with_dropout, uses_fast_mask
 from gpt2scratch.models.kv_cache import KVCache
 from gpt2scratch.models.linear import Linear
@@ -63,6 +64,8 @@ class MultiHeadSelfAttention(nn.Module):
         if pad_lengths is None and past == 0:  # plain causal attention: the flash / memory-efficient kernels
             if uses_fast_mask(q, dropout_p, self.training):  # a CPU's flash kernel has no dropout
                 return causal_attention_with_dropout(q, k, v, dropout_p)
+            if dropout_p == 0.0:  # training on a CPU: the flash kernel or the scores written out, as timed
+                return causal_attention(q, k, v)
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         if T == 1 and torch.compiler.is_compiling() and dropout_p == 0.0:
             return one_query_attention(q, k, v, pad_lengths)
