@@ -6,7 +6,8 @@ shapes of a GPT-2 step come out far below the rest. On the project's 2-core AMX 
 ~2,000; so do several other products with 768 columns (GPT-2 124M: ~90 ms of a 1.2 s step). Which shapes gain
 differs from one CPU and library version to the next, so nothing is assumed: the first time a shape is met, `mm`
 times it whole and in 2 and 4 blocks of rows and keeps the fastest (a split has to win by SPLIT_MARGIN).
-GPT2SCRATCH_CPU_MATMUL_PLANS=0 in the environment runs every product whole.
+`choose` keeps other such choices with them (cpu_attention.py: the flash kernel or the scores written out).
+GPT2SCRATCH_CPU_MATMUL_PLANS=0 in the environment runs every product whole and takes the first of each choice.
 
 A split changes the rounding of some results (the library sums in another order for another shape), so the
 choices are part of a run's state: the trainer saves `plans()` with each checkpoint and `set_plans` restores them
