@@ -77,22 +77,27 @@ def test_the_choice_is_timed_and_a_split_must_win_by_the_margin(fresh_plans, mon
 
     monkeypatch.setattr(cpu_matmul, "_split_mm", fake_split_mm)
     a, b = torch.zeros(1024, 768, dtype=torch.bfloat16), torch.zeros(768, 3072, dtype=torch.bfloat16)
-    costs.update({1: 10.0, 2: 8.0, 4: 9.5})
+    costs.update({1: 10.0, 2: 8.0})
     assert cpu_matmul._choose(a, b, None) == 2
-    costs.update({1: 10.0, 2: 9.5, 4: 9.6})  # within the margin: stays whole
+    costs.update({1: 10.0, 2: 9.5})  # within the margin: stays whole
     assert cpu_matmul._choose(a, b, None) == 1
-    costs.update({1: 10.0, 2: 9.5, 4: 5.0})
-    assert cpu_matmul._choose(a, b, None) == 4
     small = torch.zeros(64, 64, dtype=torch.bfloat16)
     assert cpu_matmul._choose(small, small, None) == 1  # too small to time: whole
+
+    def candidate(cost):  # one way of doing the work, taking `cost` seconds
+        return lambda: clock.__setitem__(0, clock[0] + cost)
+
+    assert cpu_matmul._fastest([candidate(10.0), candidate(9.5), candidate(5.0)]) == 2
+    assert cpu_matmul._fastest([candidate(10.0), candidate(9.5), candidate(9.2)]) == 0  # none wins by the margin
     # mm chooses once per shape and remembers the choice; plans() / set_plans() carry it
+    costs.update({1: 10.0, 2: 8.0})
     cpu_matmul.mm(a, b)
     (key,) = cpu_matmul.plans()
-    costs.update({1: 1.0, 2: 10.0, 4: 10.0})
+    costs.update({1: 1.0, 2: 10.0})
     cpu_matmul.mm(a, b)
-    assert cpu_matmul.plans() == {key: 4}
-    cpu_matmul.set_plans({key: 2})
     assert cpu_matmul.plans() == {key: 2}
+    cpu_matmul.set_plans({key: 1})
+    assert cpu_matmul.plans() == {key: 1}
 
 
 @pytest.mark.parametrize("parts", [1, 2])

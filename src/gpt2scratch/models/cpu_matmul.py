@@ -5,7 +5,7 @@ shapes of a GPT-2 step come out far below the rest. On the project's 2-core AMX 
 (1024 x 3072) @ (3072 x 768) runs at ~1,100 GFLOP/s while its two halves of 512 rows, one after the other, run at
 ~2,000; so do several other products with 768 columns (GPT-2 124M: ~90 ms of a 1.2 s step). Which shapes gain
 differs from one CPU and library version to the next, so nothing is assumed: the first time a shape is met, `mm`
-times it whole and in 2 and 4 blocks of rows and keeps the fastest (a split has to win by SPLIT_MARGIN).
+times it whole and in two blocks of rows and keeps the faster (the split has to win by SPLIT_MARGIN).
 `choose` keeps other such choices with them (cpu_attention.py: the flash kernel or the scores written out).
 GPT2SCRATCH_CPU_MATMUL_PLANS=0 in the environment runs every product whole and takes the first of each choice.
 
@@ -23,10 +23,10 @@ from collections.abc import Callable
 
 import torch
 
-SPLITS = (1, 2, 4)  # row blocks tried
+SPLITS = (1, 2)  # row blocks tried (4 won by a few percent at most where 2 won; each costs time at a run's start)
 SPLIT_MARGIN = 0.9  # a split is kept only if it takes at most this share of the whole product's time
 MIN_ROWS = 256  # rows per block at least
-MIN_WORK = 1 << 27  # multiply-adds below which a product runs whole, untimed (too short to time reliably)
+MIN_WORK = 1 << 28  # multiply-adds below which a product runs whole, untimed (too short to gain much)
 TRIALS = 3  # timed runs of each candidate, interleaved; the median counts
 
 TIMED = os.environ.get("GPT2SCRATCH_CPU_MATMUL_PLANS", "1") != "0"  # 0: every product whole, nothing timed

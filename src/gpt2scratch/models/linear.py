@@ -21,8 +21,10 @@ class Linear(nn.Linear):
 
 
 def _bf16_autocast_on_cpu(x: torch.Tensor) -> bool:
+    """Training (grad enabled: evaluation's shapes are not worth timing) under bf16 autocast on a CPU."""
     return (
         x.device.type == "cpu"
+        and torch.is_grad_enabled()
         and torch.is_autocast_enabled("cpu")
         and torch.get_autocast_dtype("cpu") == torch.bfloat16
         and not torch.compiler.is_compiling()

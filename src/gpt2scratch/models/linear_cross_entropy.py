@@ -28,7 +28,7 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     x: (N, C); weight: (V, C), V >= vocab_size (a padded vocabulary: the extra rows get a zero gradient);
     targets: (N,). The matmuls run in the autocast dtype where autocast is on (bf16; fp16 is left to the unfused
     path, whose loss scaling its tiny gradients need), else in x's dtype."""
-    return LinearCrossEntropy.apply(x, weight, targets, vocab_size)
+    return LinearCrossEntropy.apply(x, weight, targets, vocab_size, torch.is_grad_enabled())
 
 
 def fusable(x: torch.Tensor) -> bool:
@@ -42,13 +42,14 @@ def fusable(x: torch.Tensor) -> bool:
 
 class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    def forward(ctx, x, weight, targets, vocab_size, plans):
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         input_dtype = x.dtype
         with torch.autocast(device, enabled=False):
             x, w = x.to(dtype), weight.to(dtype)
-            logits = _mm(x, w.t())  # (N, V): overwritten by its own gradient below
+            ctx.plans = plans and planned(x)  # (training: the products as cpu_matmul plans them)
+            logits = _mm(x, w.t(), ctx.plans)  # (N, V): overwritten by its own gradient below
             wide = torch.promote_types(dtype, torch.float32)  # the softmax's dtype
             counted = targets != IGNORE_INDEX
             share = counted.to(wide) / counted.sum()  # each counted row's weight in the mean
@@ -75,10 +76,10 @@ class LinearCrossEntropy(torch.autograd.Function):
         input_dtype, weight_dtype = ctx.dtypes
         with torch.autocast(grad_logits.device.type, enabled=False):
             scale = grad_loss.to(x.dtype)  # 1, or 1 / accumulation steps: applied to the two small operands
-            grad_x = (_mm(grad_logits, w) * scale).to(input_dtype)
-            grad_w = _mm(grad_logits.t(), x * scale).to(weight_dtype)
-        return grad_x, grad_w, None, None
+            grad_x = (_mm(grad_logits, w, ctx.plans) * scale).to(input_dtype)
+            grad_w = _mm(grad_logits.t(), x * scale, ctx.plans).to(weight_dtype)
+        return grad_x, grad_w, None, None, None
 
 
-def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return mm(a, b) if planned(a) else a @ b
+def _mm(a: torch.Tensor, b: torch.Tensor, plans: bool) -> torch.Tensor:
+    return mm(a, b) if plans else a @ b
