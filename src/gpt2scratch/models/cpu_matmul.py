@@ -31,7 +31,7 @@ TRIALS = 3  # timed runs of each candidate, interleaved; the median counts
 
 TIMED = os.environ.get("GPT2SCRATCH_CPU_MATMUL_PLANS", "1") != "0"  # 0: every product whole, nothing timed
 
-_plans: dict[str, int] = {}  # shape key -> row blocks
+_plans: dict[str, int] = {}  # a product's shape -> row blocks (mm); a choice's key -> its index (choose)
 
 
 def planned(x: torch.Tensor) -> bool:
@@ -50,7 +50,7 @@ def mm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> to
 
 
 def plans() -> dict[str, int]:
-    """The choices made so far (shape -> row blocks), for a checkpoint."""
+    """The choices made so far (key -> row blocks or index), for a checkpoint."""
     return dict(_plans)
 
 
