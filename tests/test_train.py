@@ -320,12 +320,16 @@ def test_torchrun_fsdp_two_processes_equal_one(data_dir, tmp_path):
 
 @pytest.mark.slow
 def test_main_py_default_run_with_a_short_budget(tmp_path):
-    """`python main.py` end to end (corpus preparation, cpu preset, time budget, samples, export), in 0.3 min."""
+    """`python main.py` end to end (corpus preparation, cpu preset, time budget, samples, export), in 0.5 min.
+
+    (0.3 min failed twice in fresh-clone CI runs on 2026-11-27. Reproduced once in a partial suite run: the
+    budget's calibration took ~10 s of the 18 instead of ~5 (a slow spell: 3.5 s per evaluation instead of 2),
+    which left 4 steps, too few to learn; the CPU plans timed at the first step take ~0.7 s of it.)"""
     from pathlib import Path
 
     main_py = Path(__file__).resolve().parent.parent / "main.py"
     result = subprocess.run(
-        [sys.executable, str(main_py), "--out", "run", "--time-budget", "0.3", "--eval-every", "20"],
+        [sys.executable, str(main_py), "--out", "run", "--time-budget", "0.5", "--eval-every", "20"],
         capture_output=True,
         text=True,
         timeout=600,
@@ -333,7 +337,7 @@ def test_main_py_default_run_with_a_short_budget(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "data" / "shakespeare-bpe16384" / "manifest.json").is_file()
-    assert "time budget 0.3 min" in result.stderr and "done:" in result.stdout
+    assert "time budget 0.5 min" in result.stderr and "done:" in result.stdout
     evals = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in evals if "val_bpb" in r]
     assert evals and all({"step", "val_loss", "val_bpb"} <= r.keys() for r in evals)
