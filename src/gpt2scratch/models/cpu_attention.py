@@ -24,9 +24,7 @@ MAX_SCORES = 1 << 24  # batch x heads x T x T: 32 MB of bf16 probabilities kept 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(hs) + causal mask) v for (B, nh, T, hs) tensors, through the flash kernel or
     CausalAttention, as planned for this shape when training on a CPU."""
-    if _written_out(q, k, v):
-        return CausalAttention.apply(q, k, v)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return CausalAttention.apply(q, k, v) if _written_out(q, k, v) else flash(q, k, v)
 
 
 def _written_out(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
