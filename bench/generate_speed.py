@@ -3,6 +3,7 @@
     python bench/generate_speed.py                 # GPT-2 124M shapes, random weights, CPU fp32
     python bench/generate_speed.py --preset tiny --rounds 5
     python bench/generate_speed.py --dtypes fp32 int8 int8+compile --batches 1
+    python bench/generate_speed.py --device cuda --dtypes fp32 bf16 bf16+compile   # on a GPU
 
 Ours decodes in each of --dtypes (fp32, bf16, int8: `generate --dtype`; D+compile: `generate --dtype D
 --compile`, whose compilation runs before the timed rounds and is reported apart), transformers in fp32 (the way
@@ -39,26 +40,31 @@ def main() -> None:
     parser.add_argument(
         "--dtypes", nargs="+", default=["fp32", "bf16", "int8", "bf16+compile", "int8+compile"], choices=variants
     )
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, or auto (cuda where there is one)")
     args = parser.parse_args()
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device)
     keep_freed_memory()  # as `gpt2scratch generate` runs
     torch.manual_seed(0)
     reference = GPT(resolve_config(args.preset).model).eval()
-    theirs = hf_model_from_gpt(reference)
+    theirs = hf_model_from_gpt(reference).to(device)
     ours = {}
     for variant in args.dtypes:  # as `gpt2scratch generate --dtype D [--compile]` opens a model
         dtype, _, compiled = variant.partition("+")
         model = GPT(reference.config).eval()
         model.load_state_dict(reference.state_dict())
+        model.to(device)
         ours[variant] = decoding_layout(apply_dtype(model, dtype))
         if compiled:
             compile_decoding(model)
     vocab = reference.config.vocab_size
     # transformers has no rule for going past the context (position ids run out): stay within it
     args.new_tokens = min(args.new_tokens, reference.config.context_length - args.prompt_tokens)
-    bandwidth = read_bandwidth()
+    bandwidth = read_bandwidth(device)
     weight_bytes = 4 * reference.num_params()
     print(
-        f"{args.preset}: {reference.num_params():,} parameters, CPU, {torch.get_num_threads()} threads, "
+        f"{args.preset}: {reference.num_params():,} parameters, {describe(device)}, "
         f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, greedy; medians of {args.rounds} "
         f"interleaved rounds (torch {torch.__version__}). Read bandwidth {bandwidth / 1e9:.1f} GB/s: the fp32 "
         f"weights ({weight_bytes / 1e6:,.0f} MB) once per step allow at most {bandwidth / weight_bytes:.1f} "
@@ -68,7 +74,7 @@ def main() -> None:
     ratios = "".join(f"{d + '/ref':>{width(d) + 3}}" for d in args.dtypes)
     print(f"{'batch':>5}{header} {'transformers fp32':>18}{ratios}  fp32 same tokens")
     for batch in args.batches:
-        prompts = torch.randint(0, vocab, (batch, args.prompt_tokens))
+        prompts = torch.randint(0, vocab, (batch, args.prompt_tokens), device=device)
         for variant, model in ours.items():
             if "+compile" in variant:  # compile (or load inductor's cache) before the timed rounds
                 started = time.perf_counter()
@@ -96,6 +102,7 @@ def main() -> None:
                     eos_token_id=None,
                     pad_token_id=0,
                 )
+            synchronize(device)
             times["theirs"].append(time.perf_counter() - started)
             if "fp32" in ours:
                 same &= out[:, args.prompt_tokens :].tolist() == fp32_ids
@@ -119,14 +126,27 @@ def width(variant: str) -> int:
     return max(11, len(variant) + 6)
 
 
-def read_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
+def describe(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU, {torch.get_num_threads()} threads"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def read_bandwidth(device: torch.device, megabytes: int = 512, repeats: int = 5) -> float:
     """Bytes/s that a sum over a large fp32 tensor reads (best of `repeats`), with torch's threads."""
-    data = torch.ones(megabytes * 2**20 // 4)
+    data = torch.ones(megabytes * 2**20 // 4, device=device)
     data.sum()
+    synchronize(device)
     best = float("inf")
     for _ in range(repeats):
         started = time.perf_counter()
         data.sum()
+        synchronize(device)
         best = min(best, time.perf_counter() - started)
     return data.numel() * 4 / best
 

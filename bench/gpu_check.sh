@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# One prepared check of the CUDA paths, sized for a lent GPU (at most about 8 minutes on one H100):
-#   1. the tests marked `cuda` (bf16/fp16 autocast vs fp32, compile == eager, padded vocabulary, activation
-#      checkpointing, resume bit for bit, KV cache == recomputation, generate / eval / serve on the GPU);
-#   2. `python main.py` as a user runs it on a GPU (the `gpu` preset on the embedded corpus);
-#   3. bench/train_speed.py: GPT-2 124M, context 1024, bf16 + torch.compile, ours vs transformers.
+# One prepared check of the CUDA paths, sized for a lent GPU (about 6 minutes on one H100 or H200, at most 9):
+#   1. at once, side by side (what they check does not depend on speed):
+#      - the tests marked `cuda` (bf16/fp16 autocast vs fp32, compile == eager, padded vocabulary, activation
+#        checkpointing, resume bit for bit, KV cache == recomputation, generate / eval / serve on the GPU);
+#      - `python main.py` as a user runs it on a GPU (the `gpu` preset on the embedded corpus: AdamW + cosine,
+#        stopped when the val loss turns up), and the same with Muon + WSD (issue 16: what wins on a GPU);
+#      - both recipes for a fixed 1,500 steps without early stop (the same steps, eager), for val loss per step;
+#   2. alone, timed: bench/train_speed.py, GPT-2 124M, context 1024, bf16 + torch.compile, ours vs transformers;
+#   3. alone, timed: bench/generate_speed.py on the GPU, ours in fp32 / bf16 / bf16 compiled vs transformers fp32.
 # Each stage has its own time limit, so one that hangs does not take the others with it. Everything goes to
-# OUT_DIR (default gpu_check_out/): the logs, the benchmark's JSON, and one summary, results.md.
+# OUT_DIR (default gpu_check_out/): the logs, the benchmarks' JSON, and one summary, results.md.
 #
 #   bash bench/gpu_check.sh [OUT_DIR]
 #
@@ -13,9 +17,9 @@
 # PyPI) are installed into a temporary folder first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT_DIR=${1:-gpu_check_out}
-mkdir -p "$OUT_DIR"
+OUT_DIR=$(mkdir -p "${1:-gpu_check_out}" && cd "${1:-gpu_check_out}" && pwd)
 PYTHON=${PYTHON:-python3}
+RUNS=${RUNS:-/tmp/gpu_check_runs}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
     $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gpu_check_site \
@@ -45,7 +49,7 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log to OUT_DI
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1
     $PYTHON -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'transformers', transformers.__version__, 'gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None)"
-    echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), $(nproc) CPU cores"
     echo '```'
     echo
     echo "| stage | outcome | time |"
@@ -53,24 +57,71 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log to OUT_DI
 } >"$RESULTS" 2>&1
 cat "$RESULTS"
 
-stage tests 220 $PYTHON -m pytest -m cuda tests/test_speed_features.py -p no:cacheprovider -q -rA --durations=10
-rm -rf /tmp/gpu_check_main
-stage main_py 200 $PYTHON main.py --out /tmp/gpu_check_main
-cp /tmp/gpu_check_main/metrics.jsonl "$OUT_DIR/main_py_metrics.jsonl" 2>/dev/null
-stage train_speed 170 $PYTHON bench/train_speed.py --batch-size 16 --precision bf16 --compile on \
+# 1. Side by side. The runs share the embedded corpus, prepared once first (as `python main.py` would).
+rm -rf "$RUNS" && mkdir -p "$RUNS"
+stage tests 240 $PYTHON -m pytest -m cuda tests/test_speed_features.py -p no:cacheprovider -q -rA --durations=10 &
+stage prepare 60 $PYTHON -m gpt2scratch prepare --tokenizer bpe:4096 --out data/shakespeare-bpe4096
+MUON=(--optimizer muon --schedule wsd --muon-lr 2e-3)
+FIXED=(--max-steps 1500 --early-stop 0 --time-budget 0 --compile off --sample-every 0)
+stage main_py 230 $PYTHON main.py --out "$RUNS/main_py" &
+stage main_py_muon 230 $PYTHON main.py --out "$RUNS/main_py_muon" "${MUON[@]}" &
+stage steps_adamw 230 $PYTHON main.py --out "$RUNS/steps_adamw" "${FIXED[@]}" &
+stage steps_muon 230 $PYTHON main.py --out "$RUNS/steps_muon" "${FIXED[@]}" "${MUON[@]}" &
+wait
+for run in main_py main_py_muon steps_adamw steps_muon; do
+    cp "$RUNS/$run/metrics.jsonl" "$OUT_DIR/$run.metrics.jsonl" 2>/dev/null
+done
+
+# 2. and 3. Alone, for timings.
+stage train_speed 180 $PYTHON bench/train_speed.py --batch-size 16 --precision bf16 --compile on \
     --steps 5 --rounds 3 --warmup 3 --out "$OUT_DIR/train_speed.json"
+stage generate_speed 120 $PYTHON bench/generate_speed.py --device cuda --dtypes fp32 bf16 bf16+compile \
+    --batches 1 8 --rounds 3
 
 {
     echo
+    echo "## Training runs on the embedded corpus (gpu preset)"
+    echo '```'
+    $PYTHON - "$OUT_DIR" <<'EOF'
+import json, statistics, sys
+from pathlib import Path
+
+print(f"{'run':<14}{'steps':>7}{'min':>6}{'best val':>9}{'at step':>8}{'last val':>9}{'val bpb':>8}{'tok/s':>10}{'MFU':>7}")
+for run in ("main_py", "main_py_muon", "steps_adamw", "steps_muon"):
+    path = Path(sys.argv[1]) / f"{run}.metrics.jsonl"
+    if not path.is_file():
+        print(f"{run:<14} no metrics")
+        continue
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    train = [r for r in rows if "train_loss" in r]
+    val = [r for r in rows if "val_loss" in r]
+    best = min(val, key=lambda r: r["val_loss"]) if val else {}
+    rate = statistics.median(r["tokens_per_sec"] for r in train) if train else 0
+    mfus = [r["mfu"] for r in train if r.get("mfu") is not None]
+    print(
+        f"{run:<14}{train[-1]['step'] if train else 0:>7}{sum(r['dt_ms'] for r in train) / 60e3:>6.1f}"
+        f"{best.get('val_loss', float('nan')):>9.4f}{best.get('step', 0):>8}"
+        f"{val[-1]['val_loss'] if val else float('nan'):>9.4f}{val[-1].get('val_bpb', float('nan')) if val else float('nan'):>8.4f}"
+        f"{rate:>10,.0f}{f'{statistics.median(mfus):.1%}' if mfus else '-':>7}"
+    )
+    print("    val loss by step: " + " ".join(f"{r['step']}:{r['val_loss']:.3f}" for r in val))
+EOF
+    echo '```'
+    echo
     echo "## python main.py"
     echo '```'
-    grep -E "device:|torch.compile|time budget|early stop|^done|val loss" "$OUT_DIR/main_py.log" | tail -n 25
+    grep -E "device:|torch.compile|time budget|early stop|^done" "$OUT_DIR/main_py.log" | tail -n 12
     echo '```'
     echo
     echo "## bench/train_speed.py"
     echo '```'
     sed -n '/^precision/,$p' "$OUT_DIR/train_speed.log"
     echo '```'
-} >>"$RESULTS"
+    echo
+    echo "## bench/generate_speed.py"
+    echo '```'
+    grep -vE "^\s*$|Warning|warn" "$OUT_DIR/generate_speed.log" | tail -n 12
+    echo '```'
+} >>"$RESULTS" 2>&1
 echo
 cat "$RESULTS"
