@@ -49,6 +49,15 @@ def test_missing_optional_libraries_name_the_extra(tmp_path, monkeypatch, caplog
     monkeypatch.setitem(sys.modules, "uvicorn", None)  # an import of it now raises ImportError
     with pytest.raises(ValueError, match=r"serving needs uvicorn, .*pip install 'gpt2scratch\[serve\]'"):
         require_serving_libraries()
+    monkeypatch.delitem(sys.modules, "uvicorn")
+    # installed, but one of its own dependencies is not (fastapi 0.165 without opentelemetry-api, seen on a GPU
+    # machine): the message names what failed rather than calling fastapi missing
+    (tmp_path / "fastapi").mkdir()
+    (tmp_path / "fastapi" / "__init__.py").write_text("import opentelemetry_not_installed_here\n")
+    monkeypatch.syspath_prepend(tmp_path)
+    monkeypatch.delitem(sys.modules, "fastapi", raising=False)
+    with pytest.raises(ValueError, match=r"but fastapi \(No module named 'opentelemetry_not_installed_here'\) failed"):
+        require_serving_libraries()
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     logger = MetricsLogger(tmp_path, enabled=True)
     record = {"step": 1, "val_loss": 1.0, "val_ppl": 2.7, "val_bpb": 1.4, "val_tokens": 10}

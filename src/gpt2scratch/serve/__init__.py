@@ -39,20 +39,24 @@ def build_app(
 
 
 def require_serving_libraries() -> None:
-    """fastapi and uvicorn are the `serve` extra: say how to install them when they are missing."""
+    """fastapi and uvicorn are the `serve` extra: say how to install them when they are missing, and what failed
+    when one is installed but does not import (a dependency of its own missing, say)."""
     import importlib
 
-    missing = []
+    missing, broken = [], []
     for name in ("fastapi", "uvicorn"):
         try:
             importlib.import_module(name)
-        except ImportError:
-            missing.append(name)
+        except ImportError as error:
+            if isinstance(error, ModuleNotFoundError) and error.name == name:
+                missing.append(name)
+            else:
+                broken.append(f"{name} ({error})")
+    fix = "pip install 'gpt2scratch[serve]' (or pip install -r requirements.txt)"
     if missing:
-        raise ValueError(
-            f"serving needs {' and '.join(missing)}, which are not installed: pip install 'gpt2scratch[serve]' "
-            "(or pip install -r requirements.txt)"
-        )
+        raise ValueError(f"serving needs {' and '.join(missing)}, which are not installed: {fix}")
+    if broken:
+        raise ValueError(f"serving needs fastapi and uvicorn, but {'; '.join(broken)} failed to import: {fix}")
 
 
 def model_name(source: Path) -> str:
