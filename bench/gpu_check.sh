@@ -14,7 +14,12 @@
 #   bash bench/gpu_check.sh [OUT_DIR]
 #
 # Needs torch with CUDA and the packages of requirements.txt. Wheels in .whl/ (for a machine that cannot reach
-# PyPI) are installed into a temporary folder first.
+# PyPI) are installed into a temporary folder first. The lent GPU machines of this project (an image with torch
+# 2.11 and transformers, no PyPI) lack the `serve` extra's stack; fetch it beforehand where pip works:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_17_x86_64 -d .whl fastapi==0.165.0 starlette==1.10.0 pydantic==2.14.4 \
+#       pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 uvicorn==0.54.0 \
+#       annotated-doc==0.0.7 opentelemetry-api==1.45.2
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=$(mkdir -p "${1:-gpu_check_out}" && cd "${1:-gpu_check_out}" && pwd)
