@@ -328,6 +328,30 @@ def test_presets_for_the_seed_and_the_gpu():
     gpu = resolve_config("gpu")
     assert (gpu.model.n_layers, gpu.model.emb_dim, gpu.model.context_length) == (6, 384, 256)
     assert gpu.training.early_stop > 0 and gpu.training.time_budget > 0 and gpu.data.tokenizer == "bpe:4096"
+    assert (gpu.training.optimizer, gpu.training.schedule, gpu.training.max_steps) == ("muon", "wsd", 1500)
+    assert not gpu.training.budget_extends  # sized to the data: the budget only shortens it
+
+
+def test_time_budget_fills_or_only_shortens(hamlet_data, tmp_path):
+    """budget_extends on: max_steps grows to fill the minutes; off: the configured max_steps is the most it gets,
+    at calibration and at the refit, while a budget too short for it still shortens the run."""
+    import time
+
+    from gpt2scratch.budget import TimeBudget
+
+    fitted = {}
+    for extends in (True, False):
+        config = make_config(hamlet_data, max_steps=8, budget_extends=extends)
+        runtime = setup_runtime(config.training)
+        data = DataModule(config.data.dir, config.model.context_length, config.training.batch_size)
+        budget = TimeBudget.calibrate(Trainer(config, tmp_path / str(extends), runtime, data), 1.0)
+        budget.step_seconds = [0.01] * 10
+        fitted[extends] = budget.max_steps, budget.refit(5)
+    assert fitted[False] == (8, 8)
+    assert min(fitted[True]) > 100  # a tiny model's steps take milliseconds: a minute holds thousands
+    short = TimeBudget(time.perf_counter() + 0.05, 0.0, 0, 8, 2, torch.device("cpu"), limit=8)
+    short.step_seconds = [0.01] * 10
+    assert short.refit(1) < 8
 
 
 def test_auto_preset_is_gpu_on_cuda(monkeypatch):

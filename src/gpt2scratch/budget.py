@@ -5,7 +5,8 @@ Before the run, `TimeBudget.calibrate` times a few real steps and one evaluation
 state it touched back (weights, optimizer, loader, RNG), so the run itself is not changed by the measurement.
 From those times it fits max_steps (and the warm-up, in proportion) to the budget. The first steps are
 slower (allocations, caches), so at step REFIT_STEP the trainer asks `refit` again, from the step times it
-measured by then.
+measured by then. With `budget_extends` off (the `gpu` preset, whose max_steps is sized to its data), the
+configured max_steps is an upper bound: the budget only shortens the run.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class TimeBudget:
     max_steps: int  # fitted by calibrate, then by refit
     warmup_steps: int
     device: torch.device
+    limit: int | None = None  # max_steps is never fitted above this (budget_extends off: the configured max_steps)
     step_seconds: list[float] = field(default_factory=list)  # every step of the run so far
 
     @classmethod
@@ -55,8 +57,9 @@ class TimeBudget:
             max_steps=schedule.max_steps,
             warmup_steps=schedule.warmup_steps,
             device=trainer.runtime.device,
+            limit=None if trainer.config.training.budget_extends else schedule.max_steps,
         )
-        steps = budget._same_on_every_rank(budget._steps_left(step_seconds))
+        steps = budget._same_on_every_rank(budget._bounded(budget._steps_left(step_seconds)))
         budget.max_steps = steps
         budget.warmup_steps = min(schedule.warmup_steps, round(steps * schedule.warmup_steps / schedule.max_steps))
         log.info(
@@ -78,8 +81,11 @@ class TimeBudget:
     def refit(self, step: int) -> int:
         """max_steps fitted again to the time left, from the step times measured so far."""
         steps = max(step + self._steps_left(self.median_step_seconds()), self.warmup_steps, step + 1)
-        self.max_steps = self._same_on_every_rank(steps)
+        self.max_steps = self._same_on_every_rank(self._bounded(steps))
         return self.max_steps
+
+    def _bounded(self, steps: int) -> int:
+        return steps if self.limit is None else min(steps, self.limit)
 
     def _steps_left(self, step_seconds: float) -> int:
         seconds = self.deadline - time.perf_counter()
