@@ -318,9 +318,28 @@ def test_early_stop_ends_the_run_when_val_loss_stops_improving(hamlet_data, tmp_
     trainer = ScriptedTrainer(config, tmp_path, runtime, data)
     summary = trainer.fit()
     # best 3.9 at the 4th evaluation (step 8); 4.0, 4.2, 4.3 do not improve: stop at the 7th (step 14)
-    assert summary["step"] == 14 and trainer.best_step == 8
+    assert summary["step"] == 14 and trainer.best_step == 8 and summary["stopped_early"]
     assert checkpoint.latest(tmp_path / "ckpt").name == "step_000014"  # the last step is saved, as at max_steps
     assert trainer.run_config().training.max_steps == 14
+    # each new best was saved as it came (save_every 0 saves only the last step otherwise), and kept
+    assert trainer.best_checkpoint() == tmp_path / "ckpt" / "step_000008"
+
+
+def test_an_early_stopped_run_exports_its_best_weights(hamlet_data, tmp_path, monkeypatch, capsys):
+    """`train --early-stop N` writes hf/ from the best evaluation's weights, not from the steps after it."""
+    from safetensors.torch import load_file
+
+    from gpt2scratch.cli import main
+
+    monkeypatch.setattr(Trainer, "evaluate", ScriptedTrainer.evaluate)
+    monkeypatch.setattr(Trainer, "script", ScriptedTrainer.script, raising=False)
+    args = ["--preset", "tiny", "--data-dir", hamlet_data, "--out", tmp_path, "--max-steps", "40", "--eval-every", "2"]
+    assert main(["train", *map(str, args), "--save-every", "0", "--early-stop", "3", "--sample-every", "0"]) == 0
+    assert "the best weights (step 8)" in capsys.readouterr().out
+    exported = load_file(tmp_path / "hf" / "model.safetensors")["transformer.wpe.weight"]
+    best, last = (checkpoint.load_model_state(tmp_path / "ckpt" / f"step_{s:06d}") for s in (8, 14))
+    assert torch.equal(exported, best["transformer.wpe.weight"])
+    assert not torch.equal(exported, last["transformer.wpe.weight"])
 
 
 def test_presets_for_the_seed_and_the_gpu():

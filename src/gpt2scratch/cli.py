@@ -198,10 +198,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.hf_dir is not None:
         nan = float("nan")
         val_loss, val_bpb = result.val_loss or nan, result.val_bpb or nan
+        weights = "" if result.exported_step == result.step else f", the best weights (step {result.exported_step})"
         print(
             f"done: {result.step} steps in {result.minutes:.1f} min; val loss {val_loss:.4f}, "
             f"val bits per byte {val_bpb:.4f}; checkpoints in {result.ckpt_dir}; "
-            f"Hugging Face folder {result.hf_dir} (GPT2LMHeadModel.from_pretrained({str(result.hf_dir)!r}))"
+            f"Hugging Face folder {result.hf_dir}{weights} "
+            f"(GPT2LMHeadModel.from_pretrained({str(result.hf_dir)!r}))"
         )
     return 130 if result.interrupted else 0
 

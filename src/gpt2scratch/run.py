@@ -42,6 +42,7 @@ class TrainResult:
     val_bpb: float | None
     ckpt_dir: Path
     hf_dir: Path | None  # None when interrupted, and on ranks other than 0
+    exported_step: int | None = None  # whose weights hf_dir holds: the best step's after an early stop
 
 
 def train(
@@ -111,10 +112,17 @@ def train(
         if t.time_budget and not options.resume:
             budget = TimeBudget.calibrate(trainer, t.time_budget)
         summary = trainer.fit(budget)
-        hf_dir = None
+        hf_dir, exported_step = None, summary["step"]
         if not summary["interrupted"]:
             model_state = checkpoint.full_model_state(trainer.raw_model)  # every rank takes part (FSDP gathers)
             if runtime.is_main:
+                best = trainer.best_checkpoint()
+                if best is not None:  # an early stop: the weights before the evaluations that did not improve
+                    model_state, exported_step = checkpoint.load_model_state(best), trainer.best_step
+                    log.info(
+                        f"exporting the best weights: step {trainer.best_step} (val loss {trainer.best_val_loss:.4f}), "
+                        f"not the last step's ({summary['step']}); its checkpoint is {best}"
+                    )
                 hf_dir = _export(trainer, model_state, run_dir / "hf")
             barrier()  # the ranks take the process group down together, not while rank 0 still exports
     finally:
@@ -127,6 +135,7 @@ def train(
         val_bpb=summary.get("val_bpb"),
         ckpt_dir=ckpt_root,
         hf_dir=hf_dir,
+        exported_step=exported_step,
     )
 
 

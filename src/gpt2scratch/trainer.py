@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from gpt2scratch.budget import TimeBudget
-from gpt2scratch.checkpoint import Checkpointer
+from gpt2scratch.checkpoint import Checkpointer, step_dir
 from gpt2scratch.config import Config, Sampling, TrainingConfig, due
 from gpt2scratch.dataset.data_module import DataModule
 from gpt2scratch.dataset.tokenizer import Tokenizer
@@ -177,6 +177,7 @@ class Trainer:
         self.best_val_loss, self.best_step = math.inf, None
         self.bad_steps = 0
         self.evals_without_improvement = 0  # for early_stop
+        self.stopped_early = False
         self.history: list[dict] = []  # eval records, for the plot and the checkpoints
         if runtime.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -216,16 +217,20 @@ class Trainer:
                 if due(t.log_every, self.step) or self.step == 1:
                     self.metrics.print(format_record(record))
                 last = self.step == self.schedule.max_steps
+                improved = False
                 if self.validator.due(self.step, last):
                     last_eval = self.evaluate()
                     self._record_eval(last_eval)
+                    improved = self.best_step == self.step
                     if t.early_stop and self.evals_without_improvement >= t.early_stop and not last:
                         self._stop_early()
                         last = True
                 if due(t.sample_every, self.step, last):
                     for text in self.sample():
                         self.metrics.print(f"--- sample at step {self.step} ---\n{text}")
-                if self.checkpointer.due(self.step, last) and self.bad_steps == 0:
+                # with early stop, each new best is saved too: the run exports the best weights if it stops early
+                keep_best = bool(t.early_stop) and improved
+                if (self.checkpointer.due(self.step, last) or keep_best) and self.bad_steps == 0:
                     # (not while updates are being skipped: the last checkpoint stays the last good one)
                     self.save_checkpoint(last_eval.get("val_loss") if last_eval.get("step") == self.step else None)
             if self._stop_requested:
@@ -238,6 +243,7 @@ class Trainer:
             "step": self.step,
             "minutes": (time.perf_counter() - started) / 60,
             "interrupted": self._stop_requested,
+            "stopped_early": self.stopped_early,
             **{k: v for k, v in last_eval.items() if k.startswith("val_")},
         }
 
@@ -342,6 +348,15 @@ class Trainer:
         )
         self.schedule = replace(self.schedule, max_steps=self.step)
         self.metrics.set_total(self.step)
+        self.stopped_early = True
+
+    def best_checkpoint(self) -> Path | None:
+        """After an early stop, the checkpoint of the best val loss (saved when it was reached), if it is not the
+        last step's: the weights to export, before the evaluations that did not improve."""
+        if not self.stopped_early or self.best_step is None or self.best_step == self.step:
+            return None
+        path = step_dir(self.checkpointer.root, self.best_step)
+        return path if path.is_dir() else None
 
     def _refit(self, budget: TimeBudget) -> None:
         before = self.schedule.max_steps
@@ -418,7 +433,9 @@ class Trainer:
     def run_config(self) -> Config:
         """The config as this run executes it: max_steps and warm-up as fitted to a time budget (then spent)."""
         t = self.config.training
-        fitted = replace(t, max_steps=self.schedule.max_steps, warmup_steps=self.schedule.warmup_steps)
+        # (an early stop inside the warm-up ends the run before the warm-up's end: the config must still be valid)
+        max_steps = self.schedule.max_steps
+        fitted = replace(t, max_steps=max_steps, warmup_steps=min(self.schedule.warmup_steps, max_steps))
         if self.budget is not None:
             fitted = replace(fitted, time_budget=0.0)
         return replace(self.config, training=fitted)
