@@ -3,14 +3,15 @@
     python bench/generate_speed.py                 # GPT-2 124M shapes, random weights, CPU fp32
     python bench/generate_speed.py --preset tiny --rounds 5
     python bench/generate_speed.py --dtypes fp32 int8 int8+compile --batches 1
-    python bench/generate_speed.py --device cuda --dtypes fp32 bf16 bf16+compile   # on a GPU
+    python bench/generate_speed.py --device cuda --dtypes fp32 bf16 fp32+graphs bf16+graphs   # on a GPU
 
 Ours decodes in each of --dtypes (fp32, bf16, int8: `generate --dtype`; D+compile: `generate --dtype D
---compile`, whose compilation runs before the timed rounds and is reported apart), transformers in fp32 (the way
-a user runs it). Both sides decode greedily (so they do the same work, and in fp32 their tokens are compared), from the
-same prompts, for --new-tokens tokens, at batch 1 and batch 8; runs are interleaved (ours, theirs, ours, ...)
---rounds times and the medians printed, with ours / theirs as a ratio of tokens per second. No download: the
-weights are a random init of the preset's shape, loaded into every model.
+--compile`, whose compilation runs before the timed rounds and is reported apart; D+graphs, on a GPU: the
+one-token steps replayed from CUDA graphs, `generation.use_cuda_graphs`, captured within each timed run),
+transformers in fp32 (the way a user runs it). Both sides decode greedily (so they do the same work, and in
+fp32 their tokens are compared), from the same prompts, for --new-tokens tokens, at batch 1 and batch 8; runs are
+interleaved (ours, theirs, ours, ...) --rounds times and the medians printed, with ours / theirs as a ratio of
+tokens per second. No download: the weights are a random init of the preset's shape, loaded into every model.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import time
 import torch
 
 from gpt2scratch.config import resolve_config
-from gpt2scratch.generation import compile_decoding, decoding_layout, generate_ids
+from gpt2scratch.generation import compile_decoding, decoding_layout, generate_ids, use_cuda_graphs
 from gpt2scratch.hf import hf_model_from_gpt
 from gpt2scratch.models import GPT
 from gpt2scratch.quantization import apply_dtype
@@ -36,7 +37,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    variants = ["fp32", "bf16", "int8", "fp32+compile", "bf16+compile", "int8+compile"]
+    variants = ["fp32", "bf16", "int8", "fp32+compile", "bf16+compile", "int8+compile", "fp32+graphs", "bf16+graphs"]
     parser.add_argument(
         "--dtypes", nargs="+", default=["fp32", "bf16", "int8", "bf16+compile", "int8+compile"], choices=variants
     )
@@ -56,8 +57,10 @@ def main() -> None:
         model.load_state_dict(reference.state_dict())
         model.to(device)
         ours[variant] = decoding_layout(apply_dtype(model, dtype))
-        if compiled:
+        if compiled == "compile":
             compile_decoding(model)
+        elif compiled == "graphs":  # CUDA graphs for the one-token steps (a GPU only)
+            use_cuda_graphs(model)
     vocab = reference.config.vocab_size
     # transformers has no rule for going past the context (position ids run out): stay within it
     args.new_tokens = min(args.new_tokens, reference.config.context_length - args.prompt_tokens)
@@ -111,8 +114,10 @@ def main() -> None:
         cells = "".join(f"{rates[d]:>{width(d)}.1f}" for d in args.dtypes)
         ratio_cells = "".join(f"{rates[d] / rates['theirs']:>{width(d) + 2}.2f}x" for d in args.dtypes)
         print(f"{batch:>5}{cells} {rates['theirs']:>18.1f}{ratio_cells}  {same if 'fp32' in ours else '-'}")
-        for variant in ids:  # greedy tokens of a compiled step against the same dtype eager (near-ties may differ)
-            eager = ids.get(variant.partition("+")[0]) if "+compile" in variant else None
+        for (
+            variant
+        ) in ids:  # greedy tokens of a compiled or graphed step against the same dtype eager (near-ties may differ)
+            eager = ids.get(variant.partition("+")[0]) if "+" in variant else None
             if eager is not None:
                 pairs = [(a, b) for x, y in zip(ids[variant], eager, strict=True) for a, b in zip(x, y, strict=True)]
                 agree = sum(a == b for a, b in pairs) / len(pairs)

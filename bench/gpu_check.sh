@@ -7,8 +7,8 @@
 #        1,500 steps, compiled), and the same with AdamW + cosine (the optimizer before, issue 16);
 #      - both recipes eagerly, without the budget or early stop (the same 1,500 steps), for val loss per step;
 #   2. alone, timed: bench/train_speed.py, GPT-2 124M, context 1024, bf16 + torch.compile, ours vs transformers;
-#   3. alone, timed: bench/generate_speed.py on the GPU, ours in fp32 and bf16 vs transformers fp32 (compiling the
-#      decoding step on CUDA took over 100 s in the first run, so it is left out).
+#   3. alone, timed: bench/generate_speed.py on the GPU, ours in fp32 and bf16, eager and replayed from CUDA graphs,
+#      vs transformers fp32 (compiling the decoding step on CUDA took over 100 s in the first run: left out).
 # Each stage has its own time limit, so one that hangs does not take the others with it. Everything goes to
 # OUT_DIR (default gpu_check_out/): the logs, the benchmarks' JSON, and one summary, results.md.
 #
@@ -81,7 +81,7 @@ done
 # 2. and 3. Alone, for timings.
 stage train_speed 180 $PYTHON bench/train_speed.py --batch-size 16 --precision bf16 --compile on \
     --steps 5 --rounds 3 --warmup 3 --out "$OUT_DIR/train_speed.json"
-stage generate_speed 90 $PYTHON bench/generate_speed.py --device cuda --dtypes fp32 bf16 \
+stage generate_speed 120 $PYTHON bench/generate_speed.py --device cuda --dtypes fp32 bf16 fp32+graphs bf16+graphs \
     --batches 1 8 --rounds 3
 
 {

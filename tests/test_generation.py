@@ -13,6 +13,7 @@ from gpt2scratch.generation import (
     generate_ids,
     sample_next,
     sample_rows,
+    static_decoding_step,
     stream_tokens,
 )
 from gpt2scratch.hf import hf_model_from_gpt
@@ -38,6 +39,66 @@ def test_cached_logits_equal_full_recomputation_at_every_step():
             next_id = logits[:, -1].argmax(-1, keepdim=True)
             history = torch.cat([history, next_id], dim=1)
             logits, _ = model(next_id, caches=caches)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
+def test_static_decoding_step_equals_the_model(dtype):
+    """The fixed-shape step that CUDA graphs replay (full-length masked attention, keys written at a tensor
+    position) gives the model's own cached step's logits, for a left-padded batch, step after step."""
+    from gpt2scratch.generation import left_pad
+    from gpt2scratch.quantization import apply_dtype
+
+    model, prompts = model_and_prompts()
+    apply_dtype(model, dtype)
+    history, pad = left_pad(prompts, 32, "cpu")
+    eager, static = model.new_kv_caches(), model.new_kv_caches()
+    with torch.no_grad():
+        logits, _ = model(history, caches=eager, pad_lengths=pad, last_only=True)
+        model(history, caches=static, pad_lengths=pad, last_only=True)
+        for _ in range(32 - history.size(1)):  # up to the last position of the cache
+            next_id = logits[:, -1].argmax(-1, keepdim=True)
+            logits, _ = model(next_id, caches=eager, pad_lengths=pad, last_only=True)
+            position = torch.tensor(static[0].length)
+            ours = static_decoding_step(model, next_id, static, position, pad)
+            for cache in static:
+                cache.length += 1
+            assert_close(ours, logits, rtol=1e-5, atol=1e-5)
+        for a, b in zip(eager, static, strict=True):  # the same keys and values, in the same slots
+            assert_close(a.k, b.k, rtol=1e-5, atol=1e-5)
+            assert_close(a.v, b.v, rtol=1e-5, atol=1e-5)
+
+
+def test_cuda_graph_decoding_bookkeeping_with_a_stand_in_graph(monkeypatch):
+    """CUDAGraphDecoding's side of it, on a CPU: a stand-in for torch.cuda's graph whose replay runs the captured
+    step again on the same buffers. Greedy tokens equal plain decoding's, in a padded batch and alone, past the
+    context (each crop: new caches, a new capture). On a GPU, tests/test_speed_features.py checks the real one."""
+    import contextlib
+    import types
+
+    from gpt2scratch.generation import CUDAGraphDecoding, use_cuda_graphs
+
+    model, prompts = model_and_prompts()
+    eager = [generate_ids(model, batch, 60, temperature=0) for batch in (prompts, prompts[:1])]
+    decoder = use_cuda_graphs(model).compiled_decoding
+
+    class StandInGraph:
+        def replay(self):
+            step = static_decoding_step(decoder.model, decoder.idx, decoder.caches, decoder.position, decoder.pad)
+            decoder.logits.copy_(step)
+
+    stream = types.SimpleNamespace(wait_stream=lambda other: None)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", StandInGraph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: stream)
+    monkeypatch.setattr(CUDAGraphDecoding, "device_type", "cpu")
+    graphed = [generate_ids(model, batch, 60, temperature=0) for batch in (prompts, prompts[:1])]
+    assert graphed == eager
+    # 60 new tokens in a 32-token context, a crop to 16 tokens each time the cache is full: the batch (longest
+    # prompt 11) crops after tokens 22, 39 and 56, the first prompt alone after 26, 43 and 60 (that last one
+    # followed by no step); each generation and each crop followed by a step captures once
+    assert decoder.captures == (1 + 3) + (1 + 2)
 
 
 def test_greedy_is_argmax_and_top_k_1_is_greedy():

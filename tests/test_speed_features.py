@@ -417,6 +417,40 @@ def test_cuda_kv_cache_generation_equals_recomputation(dtype):
             history.append(token)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_cuda_graph_decoding_follows_the_model(dtype):
+    """Decoding replayed from CUDA graphs (generation.use_cuda_graphs): each greedy token is the argmax of the
+    model's own logits for the text so far (within rounding), in a padded batch and alone; past the context
+    (crops: a new capture each) it goes on."""
+    from gpt2scratch.generation import use_cuda_graphs
+    from gpt2scratch.quantization import apply_dtype
+
+    torch.manual_seed(0)
+    config = model_config(context_length=32)
+    state = GPT(config).state_dict()
+    models = []
+    for _ in range(2):  # the same weights, converted the same way
+        models.append(GPT(config))
+        models[-1].load_state_dict(state)
+        apply_dtype(models[-1].to("cuda").eval(), dtype)
+    model, graphed = models[0], use_cuda_graphs(models[1])
+    prompts = [[5, 17, 3, 99, 42, 8, 1], [64, 2]]
+    for batch in (prompts, prompts[:1]):
+        tokens = generate_ids(graphed, batch, 24, temperature=0)  # 7 + 24 < 32: no crop
+        for prompt, row in zip(batch, tokens, strict=True):
+            history = list(prompt)
+            with torch.no_grad():
+                for token in row:
+                    logits = model(torch.tensor([history], device="cuda"))[0][0, -1].float()
+                    assert logits[token] >= logits.max() - (1e-4 if dtype == "fp32" else 0.1)
+                    history.append(token)
+    captures = graphed.compiled_decoding.captures
+    assert captures == 2  # one per generation
+    long = generate_ids(graphed, prompts, 60, temperature=0)
+    assert [len(row) for row in long] == [60, 60] and graphed.compiled_decoding.captures >= captures + 3
+
+
 @pytest.fixture(scope="module")
 def cuda_trained_model(hamlet_data, tmp_path_factory):
     """A tiny model trained on the GPU by the command a user runs, exported."""
