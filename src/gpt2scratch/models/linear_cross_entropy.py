@@ -60,6 +60,9 @@ class LinearCrossEntropy(torch.autograd.Function):
             for start in range(0, logits.size(0), step):
                 block, r = logits[start : start + step, :vocab_size], slice(start, start + step)
                 target = rows[: block.size(0)], safe_targets[r]  # (row in the block, its target)
+                if block.dtype == wide:  # fp32 logits: the softmax in place, no second block (half the time)
+                    loss -= _softmax_in_place(block, target, share[r])
+                    continue
                 log_probs = torch.log_softmax(block.to(wide), dim=-1)  # (3x faster than its dtype= argument)
                 loss -= (log_probs[target] * share[r]).sum()
                 grad = log_probs.exp_().mul_(share[r, None])  # softmax, weighted
@@ -79,6 +82,20 @@ class LinearCrossEntropy(torch.autograd.Function):
             grad_x = (_mm(grad_logits, w, ctx.plans) * scale).to(input_dtype)
             grad_w = _mm(grad_logits.t(), x * scale, ctx.plans).to(weight_dtype)
         return grad_x, grad_w, None, None, None
+
+
+def _softmax_in_place(block: torch.Tensor, target: tuple, share: torch.Tensor) -> torch.Tensor:
+    """Overwrite a block of fp32 logits with d loss / d logits (softmax * share, minus share at the target);
+    return sum(share * log_softmax at the target), which the loss subtracts. The `cpu` preset's fp32 loss
+    loop (16 x 256 tokens, vocabulary 16,384) on a 2-core Xeon without bf16 instructions: 120 -> 68 ms alone,
+    and `gpt2scratch train --preset cpu` ~670 -> ~645 ms a step (two runs each, alternating)."""
+    block.sub_(block.amax(dim=-1, keepdim=True))
+    picked = block[target]  # the targets' logits, less their row's largest
+    block.exp_()
+    total = block.sum(dim=-1)
+    block.mul_((share / total)[:, None])
+    block[target] -= share
+    return ((picked - total.log()) * share).sum()
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor, plans: bool) -> torch.Tensor:
