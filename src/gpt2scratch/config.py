@@ -347,9 +347,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # schedule").
         "data": {"tokenizer": "bpe:16384"},
     },
-    # The GPU default of `train --preset auto`: the embedded corpus (about 1.65 M tokens with this BPE) is what
-    # limits a GPU, not compute, so the model is sized for the data (nanoGPT's Shakespeare shape, dropout 0.2),
-    # and so is the run: 1,500 steps (about 16 passes over the text), where the val loss stopped improving on an
+    # The GPU default of `train --preset auto`: the embedded corpus (about 1.58 M training tokens with this BPE) is
+    # what limits a GPU, not compute, so the model is sized for the data (nanoGPT's Shakespeare shape, dropout 0.2),
+    # and so is the run: 1,500 steps (about 15 passes over the text), where AdamW's val loss levelled off on an
     # H200. Muon + WSD reached a lower val loss there than AdamW + cosine, at equal steps and early-stopped
     # (README, "Training on GPUs"). The 5-minute budget only shortens the run on slower GPUs; early_stop ends it
     # if the val loss turns up first.

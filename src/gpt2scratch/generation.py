@@ -184,7 +184,7 @@ class CUDAGraphDecoding:
     set of caches: a generation, or a crop of its context), so that a step costs one launch instead of a few
     hundred: on a GPU, eager decoding of GPT-2 124M is bound by launches (3.3 ms a token on an H200 while its
     weights take 0.13 ms to read). Prompts, and steps on other devices, run the model as it is.
-    NOT YET RUN ON A GPU: `tests/test_generation.py::test_cuda_graph_decoding_equals_eager` (marker `cuda`) and
+    NOT YET RUN ON A GPU: `tests/test_speed_features.py::test_cuda_graph_decoding_follows_the_model` (`cuda`) and
     bench/generate_speed.py's `+graphs` variants in bench/gpu_check.sh are its checks."""
 
     device_type = "cuda"  # where steps are captured (a test's stand-in graph runs on a CPU)
@@ -198,7 +198,7 @@ class CUDAGraphDecoding:
         one_step = idx.size(1) == 1 and caches[0].length > 0 and idx.device.type == self.device_type
         if not one_step or caches[0].length >= caches[0].max_len:
             return self.model(idx, caches=caches, pad_lengths=pad_lengths, last_only=last_only)
-        if caches is not self.caches or idx.size(0) != self.idx.size(0):
+        if caches is not self.caches:  # (the same caches: the same batch)
             self._capture(idx, caches, pad_lengths)
         self.idx.copy_(idx)
         self.position.fill_(caches[0].length)

@@ -217,11 +217,9 @@ class Trainer:
                 if due(t.log_every, self.step) or self.step == 1:
                     self.metrics.print(format_record(record))
                 last = self.step == self.schedule.max_steps
-                improved = False
                 if self.validator.due(self.step, last):
                     last_eval = self.evaluate()
                     self._record_eval(last_eval)
-                    improved = self.best_step == self.step
                     if t.early_stop and self.evals_without_improvement >= t.early_stop and not last:
                         self._stop_early()
                         last = True
@@ -229,7 +227,7 @@ class Trainer:
                     for text in self.sample():
                         self.metrics.print(f"--- sample at step {self.step} ---\n{text}")
                 # with early stop, each new best is saved too: the run exports the best weights if it stops early
-                keep_best = bool(t.early_stop) and improved
+                keep_best = bool(t.early_stop) and self.best_step == self.step  # (an evaluation now improved)
                 if (self.checkpointer.due(self.step, last) or keep_best) and self.bad_steps == 0:
                     # (not while updates are being skipped: the last checkpoint stays the last good one)
                     self.save_checkpoint(last_eval.get("val_loss") if last_eval.get("step") == self.step else None)
