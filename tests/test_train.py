@@ -408,7 +408,10 @@ def test_resume_from_a_named_checkpoint_when_the_latest_is_damaged(data_dir, tmp
     resumed = run_cli(*args, "--resume", str(earlier))  # the run folder follows from the checkpoint's path
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     full, again = metrics(tmp_path / "full"), metrics(tmp_path / "damaged")
-    assert [again[s] for s in (7, 8)] == [full[s] for s in (7, 8)]
+    norms = {run: metrics(tmp_path / run, "grad_norm") for run in ("full", "damaged")}
+    weights_equal = same_weights(tmp_path / "full", tmp_path / "damaged", 8)
+    seen = f"losses {full} vs {again}; grad norms {norms}; step 8 weights equal: {weights_equal}"
+    assert [again[s] for s in (7, 8)] == [full[s] for s in (7, 8)] and weights_equal, seen
 
 
 def test_non_finite_weights_are_never_checkpointed(data_dir, tmp_path):
