@@ -35,9 +35,10 @@ def pick_dtype(requested: str, device: torch.device) -> tuple[str, str]:
         return requested, "as asked"
     if device.type == "cuda":  # bench/generate_speed.py --device cuda: bf16 0.59x fp32's tokens/s (124M, H200)
         return "fp32", "on a GPU, decoding is bound by kernel launches, which bf16's casts add to, not by weight reads"
-    if device.type == "cpu" and cpu_has_native_bf16():
-        return "bf16", "the CPU has native bfloat16 instructions (avx512_bf16/amx)"
-    if device.type == "cpu":  # generate_speed.py, 124M batch 1, a Xeon without bf16: int8 1.5x fp32, compiled 3.4x
+    if device.type == "cpu":
+        if cpu_has_native_bf16():
+            return "bf16", "the CPU has native bfloat16 instructions (avx512_bf16/amx)"
+        # generate_speed.py, 124M batch 1, a Xeon without bf16: int8 1.5x fp32, compiled 3.4x
         return "fp32", "no native bfloat16 on this CPU; --dtype int8 decodes faster here, 1-2% of top-1 choices changed"
     return "fp32", f"{device.type} without native bfloat16"
 
