@@ -18,7 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 from gpt2scratch.config import resolve_config
 from gpt2scratch.models import GPT
 from gpt2scratch.runtime import keep_freed_memory, pick_device, pick_precision
-from train_speed import Variant
+from train_speed import SDPA_FIRST, Variant
 
 
 def main() -> None:
@@ -32,14 +32,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--attention", choices=("auto", *SDPA_FIRST), default="auto", help="SDPA backend first")
     args = parser.parse_args()
     device, _ = pick_device(args.device)
     keep_freed_memory()  # as `gpt2scratch train` runs
     precision, _ = pick_precision(args.precision, device)
     config = replace(resolve_config(args.preset).model, drop_rate=args.drop_rate)
     torch.manual_seed(0)
+    model = GPT(config, pad_vocab=64)
     variant = Variant(
-        "ours", precision, args.drop_rate, GPT(config, pad_vocab=64), device, args.compile == "on", args.batch_size
+        "ours", precision, args.drop_rate, model, device, args.compile == "on", args.batch_size, args.attention
     )
     for _ in range(args.warmup):
         variant.step()
@@ -48,7 +50,8 @@ def main() -> None:
         seconds = [variant.step() for _ in range(args.steps)]
     print(
         f"{args.preset} batch {args.batch_size} x {config.context_length}, {precision}, dropout {args.drop_rate}, "
-        f"compile {args.compile}, {device}: {1000 * sum(seconds) / len(seconds):.1f} ms/step"
+        f"compile {args.compile}, attention {args.attention}, {device}: "
+        f"{1000 * sum(seconds) / len(seconds):.1f} ms/step"
     )
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=args.rows, max_name_column_width=60))

@@ -4,6 +4,7 @@ precision, interleaved in one run.
     python bench/train_speed.py                                  # GPT-2 124M, batch 1 x 1024, on what it finds
     python bench/train_speed.py --drop-rate 0 0.1 --precision fp32 bf16   # the CPU table of issue 14
     python bench/train_speed.py --batch-size 16 --compile on --out results.json   # on a GPU
+    python bench/train_speed.py --batch-size 16 --attention auto cudnn flash     # each SDPA backend first, on a GPU
 
 One training step on each side is what `gpt2scratch train` does per micro-batch: forward under autocast,
 cross-entropy, backward, gradient clipping at 1.0, a (fused) AdamW update with weight decay on the matrices.
@@ -18,12 +19,14 @@ dense bf16 peak; on a CPU, against the matmul rate this script measures for the 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import time
 from dataclasses import replace
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gpt2scratch.config import TrainingConfig, resolve_config
 from gpt2scratch.estimates import flops_per_token
@@ -31,6 +34,13 @@ from gpt2scratch.hf import hf_model_from_gpt
 from gpt2scratch.models import GPT
 from gpt2scratch.runtime import Runtime, gpu_peak_flops, keep_freed_memory, pick_device, pick_precision
 from gpt2scratch.trainer import clip_gradients, configure_optimizer
+
+SDPA_FIRST = {
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+}
 
 
 def main() -> None:
@@ -41,6 +51,13 @@ def main() -> None:
     parser.add_argument("--drop-rate", type=float, nargs="+", default=[0.0])
     parser.add_argument("--precision", nargs="+", default=["auto"], help="auto, fp32, bf16, fp16 (several: each)")
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="auto: on for CUDA")
+    parser.add_argument(
+        "--attention",
+        nargs="+",
+        choices=("auto", *SDPA_FIRST),
+        default=["auto"],
+        help="which SDPA backend comes first on both sides (auto: PyTorch's own priority; several: each)",
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant per round")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, allocations)")
@@ -74,7 +91,7 @@ def main() -> None:
             ceilings[precision] = gpu_peak_flops(name)
         else:
             rates[precision] = []
-        for drop in args.drop_rate:
+        for drop, attention in itertools.product(args.drop_rate, args.attention):
             config = replace(base, drop_rate=drop)
             torch.manual_seed(0)
             ours = GPT(config, pad_vocab=64)
@@ -82,7 +99,7 @@ def main() -> None:
             if not args.no_reference:
                 sides["transformers"] = hf_model_from_gpt(GPT(config)).train()
             for side, model in sides.items():
-                variants.append(Variant(side, precision, drop, model, device, use_compile, args.batch_size))
+                variants.append(Variant(side, precision, drop, model, device, use_compile, args.batch_size, attention))
     for variant in variants:  # warm-up (and compilation) outside the timed rounds
         for _ in range(args.warmup):
             variant.step()
@@ -100,13 +117,16 @@ def main() -> None:
         )
 
     results = []
-    print(f"\n{'precision':>9} {'dropout':>7} {'side':>12} {'ms/step':>9} {'tok/s':>9} {'MFU':>6} {'ours/ref':>9}")
+    print(
+        f"\n{'precision':>9} {'dropout':>7} {'attention':>9} {'side':>12} {'ms/step':>9} {'tok/s':>9} {'MFU':>6} "
+        f"{'ours/ref':>9}"
+    )
     for variant in variants:
         seconds = statistics.median(variant.seconds)
         rate = tokens / seconds
         peak = ceilings[variant.precision]
         mfu = flops * rate / peak if peak else None
-        same = [v for v in variants if (v.precision, v.drop) == (variant.precision, variant.drop)]
+        same = [v for v in variants if v.setting == variant.setting]
         reference = next((v for v in same if v.side == "transformers"), None)
         ratio = statistics.median(reference.seconds) / seconds if reference and variant.side == "ours" else None
         results.append(
@@ -114,6 +134,7 @@ def main() -> None:
                 side=variant.side,
                 precision=variant.precision,
                 drop_rate=variant.drop,
+                attention=variant.attention,
                 ms_per_step=seconds * 1000,
                 tokens_per_sec=rate,
                 mfu=mfu,
@@ -122,7 +143,8 @@ def main() -> None:
             )
         )
         print(
-            f"{variant.precision:>9} {variant.drop:>7g} {variant.side:>12} {seconds * 1000:>9.1f} {rate:>9,.0f} "
+            f"{variant.precision:>9} {variant.drop:>7g} {variant.attention:>9} {variant.side:>12} "
+            f"{seconds * 1000:>9.1f} {rate:>9,.0f} "
             f"{'' if mfu is None else f'{mfu:.1%}':>6} {'' if ratio is None else f'{ratio:.2f}x':>9}"
         )
     peak_text = "the GPU's dense bf16 peak" if device.type == "cuda" else "the measured matmul rate of that precision"
@@ -145,8 +167,11 @@ def main() -> None:
 class Variant:
     """One model in one precision: a training step as `gpt2scratch train` takes it, timed."""
 
-    def __init__(self, side, precision, drop, model, device, use_compile, batch_size):
-        self.side, self.precision, self.drop = side, precision, drop
+    def __init__(self, side, precision, drop, model, device, use_compile, batch_size, attention="auto"):
+        self.side, self.precision, self.drop, self.attention = side, precision, drop, attention
+        self.setting = (precision, drop, attention)  # what ours and transformers share, to be compared
+        # PyTorch's own priority, or the named backend first (then the others, for inputs it does not take)
+        self.backends = None if attention == "auto" else [SDPA_FIRST[attention], *SDPA_FIRST.values()]
         self.model = model.to(device).train()
         self.runtime = Runtime(device, precision, use_compile)
         self.optimizer = configure_optimizer(self.model, TrainingConfig(), device)
@@ -160,6 +185,12 @@ class Variant:
         self.seconds: list[float] = []
 
     def step(self) -> float:
+        if self.backends is None:
+            return self._step()
+        with sdpa_kernel(list(dict.fromkeys(self.backends)), set_priority=True):  # compiled under it too
+            return self._step()
+
+    def _step(self) -> float:
         started = time.perf_counter()
         x, y = self.runtime.to_device(self.batch[:, :-1].numpy(), self.batch[:, 1:].numpy())
         with self.runtime.autocast():
