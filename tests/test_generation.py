@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.testing import assert_close
 
 from conftest import tiny_config
@@ -245,11 +246,76 @@ def test_decoding_layout_keeps_values_and_generation(weight_tying):
     assert generate_ids(model, prompts.tolist(), 20, temperature=0) == greedy
 
 
+def test_decoding_linear_packs_batched_steps_only():
+    """A batch's one-token step goes through the oneDNN-packed weight (to fp32 rounding of F.linear); one row,
+    several positions and a gradient take F.linear bit for bit. Failure in the first part means the packed product
+    is wrong; in the second, that batch 1 or prompts no longer compute what they did."""
+    from gpt2scratch.models.linear import DecodingLinear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(48, 200)
+    module = DecodingLinear.from_linear(linear)
+    assert module.weight is linear.weight and module.bias is linear.bias
+    with torch.inference_mode():
+        x = torch.randn(5, 1, 48)
+        assert_close(module(x), F.linear(x, linear.weight, linear.bias), rtol=1e-5, atol=1e-5)
+        if torch.backends.mkldnn.is_available():
+            assert module._packed[1] is not None, "the batched step did not take the packed weight"
+        for shape in [(1, 1, 48), (5, 3, 48), (1, 7, 48)]:
+            x = torch.randn(shape)
+            assert torch.equal(module(x), F.linear(x, linear.weight, linear.bias)), shape
+    x = torch.randn(5, 1, 48)
+    assert torch.equal(module(x), F.linear(x, linear.weight, linear.bias))  # with a gradient: F.linear
+    assert module(x).requires_grad
+
+
+def test_decoding_linear_repacks_when_the_weight_changes():
+    """Failure means a batched step multiplies by a stale copy of weights that have changed since (a model
+    sampled from during training, say)."""
+    from gpt2scratch.models.linear import DecodingLinear
+
+    torch.manual_seed(0)
+    module = DecodingLinear.from_linear(torch.nn.Linear(32, 64, bias=False))
+    x = torch.randn(4, 1, 32)
+    with torch.no_grad():
+        module(x)
+        module.weight.mul_(-2.0)  # in place: same storage, a new version
+        assert_close(module(x), F.linear(x, module.weight), rtol=1e-5, atol=1e-5)
+        module.weight.data = torch.randn(64, 32)  # new storage
+        assert_close(module(x), F.linear(x, module.weight), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("weight_tying", [True, False])
+def test_batched_decoding_after_the_layout_equals_recomputation(weight_tying):
+    """Batched decoding through the packed weights (decoding_layout): each row's greedy tokens are those of full
+    recomputation (logits to fp32 rounding), and the packed copies were used. Failure means the layout's batched
+    path computes something else than the model."""
+    from gpt2scratch.models.linear import DecodingLinear
+
+    torch.manual_seed(0)
+    model = GPT(tiny_config(weight_tying=weight_tying)).eval()
+    prompts = [[5, 17, 3, 99, 42, 8, 1], [64, 2], [7, 7, 7, 7, 7, 7, 7, 7, 7, 13, 21]]
+    decoding_layout(model)
+    head = model.lm_head
+    decoding_layout(model)  # again: nothing more
+    assert type(head) is DecodingLinear and model.lm_head is head
+    assert (model.lm_head.weight is model.transformer.wte.weight) == weight_tying
+    assert all(type(m) is not torch.nn.Linear for m in model.modules())
+    generated = generate_ids(model, prompts, 12, temperature=0)
+    with torch.no_grad():
+        for prompt, tokens in zip(prompts, generated, strict=True):
+            history = list(prompt)
+            for token in tokens:
+                logits = model(torch.tensor([history]))[0][0, -1]
+                assert token == int(logits.argmax()), (prompt, tokens)
+                history.append(token)
+    if torch.backends.mkldnn.is_available():
+        assert model.lm_head._packed[1] is not None, "batched steps did not use the packed weights"
+
+
 @pytest.mark.parametrize("padded", [False, True])
 def test_one_query_attention_equals_sdpa(padded):
     """The attention a compiled decoding step runs for its one new query, against SDPA with the causal mask."""
-    import torch.nn.functional as F
-
     from gpt2scratch.models.multi_head_self_attention import causal_mask, one_query_attention
 
     torch.manual_seed(0)

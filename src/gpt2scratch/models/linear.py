@@ -1,4 +1,5 @@
-"""nn.Linear, whose products go through cpu_matmul when training under bf16 autocast on a CPU."""
+"""nn.Linear, whose products go through cpu_matmul when training under bf16 autocast on a CPU; and DecodingLinear,
+which multiplies a batch's one-token decoding steps by a oneDNN-packed copy of its weight on a CPU."""
 
 from __future__ import annotations
 
@@ -60,3 +61,55 @@ class PlannedLinear(torch.autograd.Function):
             if b_dtype is not None and ctx.needs_input_grad[2]:
                 grad_b = g.sum(0).to(b_dtype)
         return grad_x, grad_w, grad_b
+
+
+class DecodingLinear(nn.Linear):
+    """A Linear for fp32 decoding on a CPU (generation.decoding_layout), with the same parameters.
+
+    One-token steps of several rows (a batch in `generate`, the server's continuous batch) multiply by a copy of
+    the weight packed once in oneDNN's blocked layout: 2-16 rows about 1.3-2.3x faster than MKL's sgemm on
+    either layout (GPT-2 124M on a 2-core Xeon: the 50,304-row head at 16 rows 27 -> 15 ms, a step 118 -> 72 ms).
+    Everything else (one row, prompts, training) takes F.linear, bit for bit as before. The copy costs the
+    weight's bytes once more; it is made at the first such step and again whenever the weight changes."""
+
+    PACKED_ROWS = 16  # the row count oneDNN packs for (any count works; the server's default batch)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> DecodingLinear:
+        """The same Parameter objects (so tying, state_dict and optimizers see no difference)."""
+        module = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        module.weight, module.bias = linear.weight, linear.bias
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _batched_step(x, self.weight):
+            packed = self._packed_weight()
+            if packed is not None:
+                return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+    def _packed_weight(self) -> torch.Tensor | None:
+        """The oneDNN copy of the weight, (re)packed if the weight changed since; None where oneDNN cannot."""
+        key = (self.weight.data_ptr(), self.weight._version)
+        cached = getattr(self, "_packed", None)
+        if cached is None or cached[0] != key:
+            try:
+                packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), self.PACKED_ROWS)
+            except (RuntimeError, AttributeError):  # a build without oneDNN's fp32 linear: MKL's product
+                packed = None
+            self._packed = cached = (key, packed)
+        return cached[1]
+
+
+def _batched_step(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """x (B, 1, C) with B >= 2, fp32 on a CPU, no gradient, not being compiled: one decoding step of a batch."""
+    return (
+        x.dim() == 3
+        and x.size(1) == 1
+        and x.size(0) >= 2
+        and x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+        and not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and torch.backends.mkldnn.is_available()
+    )
