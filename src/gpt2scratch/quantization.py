@@ -13,7 +13,8 @@ rounded (bf16 activations through the residual stream cost top-1 agreement with 
 step's time is the weights' bytes).
 - auto: bf16 on CPUs with native bfloat16 instructions (avx512_bf16 / AMX), fp32 elsewhere, GPUs included (there a
   decoding step is bound by kernel launches, not weight bytes: bf16 measured 0.59x fp32's speed on an H200).
-  On a CPU without bfloat16 it says that int8 decodes faster there (int8pack_mm widens bf16 inputs in registers).
+  On a CPU without bfloat16 it says that int8 decodes faster there at batch 1 (int8pack_mm widens bf16 inputs in
+  registers); batches of 8 or more rows decode faster in fp32 there (DecodingLinear's packed weights).
 """
 
 from __future__ import annotations
@@ -39,7 +40,10 @@ def pick_dtype(requested: str, device: torch.device) -> tuple[str, str]:
         if cpu_has_native_bf16():
             return "bf16", "the CPU has native bfloat16 instructions (avx512_bf16/amx)"
         # generate_speed.py, 124M batch 1, a Xeon without bf16: int8 1.5x fp32, compiled 3.4x
-        return "fp32", "no native bfloat16 on this CPU; --dtype int8 decodes faster here, 1-2% of top-1 choices changed"
+        return "fp32", (
+            "no native bfloat16 on this CPU; --dtype int8 decodes one prompt at a time faster here, 1-2% of top-1 "
+            "choices changed"
+        )
     return "fp32", f"{device.type} without native bfloat16"
 
 
