@@ -307,6 +307,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import torch
 
     from gpt2scratch import loading
+    from gpt2scratch.generation import decoding_layout
     from gpt2scratch.runtime import keep_freed_memory, pick_device
     from gpt2scratch.serve import build_app, require_serving_libraries
 
@@ -326,6 +327,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     loaded = loading.load(opts.model, device, _dtype(opts.dtype, device))
     if opts.threads:
         torch.set_num_threads(opts.threads)
+    decoding_layout(loaded.model)  # (build_app's too) before compiling: the compiled passes see its modules
     if opts.compile:
         from gpt2scratch.generation import compile_decoding, warm_up_decoding
 

@@ -104,12 +104,12 @@ class DecodingLinear(nn.Linear):
 def _batched_step(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """x (B, 1, C) with B >= 2, fp32 on a CPU, no gradient, not being compiled: one decoding step of a batch."""
     return (
-        x.dim() == 3
+        not torch.compiler.is_compiling()  # first: a compiled graph gets no guard from the checks below
+        and x.dim() == 3
         and x.size(1) == 1
         and x.size(0) >= 2
         and x.device.type == "cpu"
         and x.dtype == weight.dtype == torch.float32
         and not torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()
         and torch.backends.mkldnn.is_available()
     )
