@@ -313,6 +313,26 @@ def test_batched_decoding_after_the_layout_equals_recomputation(weight_tying):
         assert model.lm_head._packed[1] is not None, "batched steps did not use the packed weights"
 
 
+@pytest.mark.slow
+def test_warmed_up_decoding_compiles_nothing_more():
+    """After warm_up_decoding (what `serve --compile` runs before it listens), prompts and steps of other batch
+    sizes and lengths run the graphs it compiled. Failure means a request would wait for a compilation: e.g. the
+    warm-up's batch of 2 given the symbol of the 2 heads (dynamo's duck shaping), and so fixed at 2."""
+    from gpt2scratch.generation import compile_decoding, decoding_step, warm_up_decoding
+
+    torch.manual_seed(0)
+    model = decoding_layout(GPT(tiny_config(context_length=64, n_heads=2)).eval())  # the `tiny` preset's 2 heads
+    compiled = decoding_step(compile_decoding(model))
+    warm_up_decoding(model)
+    with torch.inference_mode(), torch.compiler.set_stance("fail_on_recompile"):
+        for rows, length in [(3, 2), (2, 2), (4, 4), (5, 9), (1, 6), (16, 3)]:
+            caches = model.new_kv_caches()
+            compiled(torch.randint(0, 101, (rows, length)), caches=caches, last_only=True)
+            for _ in range(3):
+                compiled(torch.randint(0, 101, (rows, 1)), caches=caches, last_only=True)
+    assert not compiled.failed, "a prompt or step compiled again (and fell back to eager)"
+
+
 @pytest.mark.parametrize("padded", [False, True])
 def test_one_query_attention_equals_sdpa(padded):
     """The attention a compiled decoding step runs for its one new query, against SDPA with the causal mask."""

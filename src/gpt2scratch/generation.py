@@ -24,6 +24,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental import _config as fx_config
 
 from gpt2scratch.config import Sampling
 from gpt2scratch.models.gpt import GPT
@@ -69,6 +70,13 @@ CPU_DECODING_INDUCTOR = {
 }
 
 
+# Dynamo gives the sizes of equal value one symbol (duck shaping): a cache (B, nh, max_len, hs) first seen at batch
+# 2 of a model with 2 heads tied the batch to the heads, which are fixed, and the next batch size compiled again
+# while requests waited (18-38 s for the 2-head `tiny` preset here; longer for larger models). Each size its own
+# symbol.
+NO_DUCK_SHAPES = {"use_duck_shape": False}
+
+
 class CompiledDecoding:
     """A model's decoding forward pass, `model(idx, caches=..., pad_lengths=..., last_only=...)` (the prompt, then
     one token at a time), compiled with torch.compile (inductor) on first use, with dynamic shapes so that one graph
@@ -97,7 +105,7 @@ class CompiledDecoding:
 
             step = self.one_token_step(idx, caches, pad_lengths, last_only)
             try:
-                with torch._inductor.config.patch(self.inductor):
+                with torch._inductor.config.patch(self.inductor), fx_config.patch(NO_DUCK_SHAPES):
                     return self._run(idx, caches, pad_lengths, last_only, step)
             except TorchDynamoException as error:
                 self.failed = True
