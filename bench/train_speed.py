@@ -171,7 +171,9 @@ class Variant:
         self.side, self.precision, self.drop, self.attention = side, precision, drop, attention
         self.setting = (precision, drop, attention)  # what ours and transformers share, to be compared
         # PyTorch's own priority, or the named backend first (then the others, for inputs it does not take)
-        self.backends = None if attention == "auto" else [SDPA_FIRST[attention], *SDPA_FIRST.values()]
+        self.backends = None
+        if attention != "auto":
+            self.backends = list(dict.fromkeys([SDPA_FIRST[attention], *SDPA_FIRST.values()]))
         self.model = model.to(device).train()
         self.runtime = Runtime(device, precision, use_compile)
         self.optimizer = configure_optimizer(self.model, TrainingConfig(), device)
@@ -187,7 +189,7 @@ class Variant:
     def step(self) -> float:
         if self.backends is None:
             return self._step()
-        with sdpa_kernel(list(dict.fromkeys(self.backends)), set_priority=True):  # compiled under it too
+        with sdpa_kernel(self.backends, set_priority=True):  # compiled under it too
             return self._step()
 
     def _step(self) -> float:

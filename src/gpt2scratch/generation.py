@@ -44,13 +44,10 @@ def decoding_layout(model: GPT) -> GPT:
     Does nothing on other devices and dtypes, and nothing more when called again."""
     if model.lm_head.weight.device.type != "cpu" or model.lm_head.weight.dtype != torch.float32:
         return model  # (bf16 and int8 models read their row-major weights faster: quantization.py)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.Linear) and not module.weight.t().is_contiguous():
-                module.weight.data = module.weight.data.t().contiguous().t()
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if type(child) in (torch.nn.Linear, Linear):
+            if type(child) in (torch.nn.Linear, Linear):  # (a DecodingLinear already: laid out)
+                child.weight.data = child.weight.data.t().contiguous().t()
                 setattr(module, name, DecodingLinear.from_linear(child))
     return model
 
