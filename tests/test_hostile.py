@@ -181,6 +181,8 @@ def test_bad_input_files_are_one_line(tmp_path, model_folder):
         (["generate", "MODEL", "--temperature", "nan", "--prompt", "x"], "temperature (nan) must be a finite number"),
         (["generate", "MODEL", "--max-new-tokens", "-5", "--prompt", "x"], "max_new_tokens (-5) must be >= 0"),
         (["generate", "MODEL", "--top-p", "1.5", "--prompt", "x"], "top_p (1.5) must be in [0, 1]"),
+        (["generate", "MODEL", "--cuda-graphs", "--prompt", "x"], "--cuda-graphs needs a CUDA GPU, and the device"),
+        (["generate", "MODEL", "--cuda-graphs", "--compile", "--prompt", "x"], "--cuda-graphs and --compile both"),
         (["serve", "MODEL", "--port", "70000"], "port (70000) must be in [1, 65535]"),
         (["eval", "MODEL", "--task", "val", "--batch-size", "-3"], "batch_size (-3) >= 1"),
         (["eval", "MODEL", "--task", "val", "--limit", "-1"], "limit (-1) must be >= 0"),

@@ -467,6 +467,10 @@ def test_cuda_generate_serve_and_eval_commands(cuda_trained_model, tmp_path):
     hf = cuda_trained_model / "hf"
     generated = run_cli("generate", str(hf), "--prompt", "To be", "--max-new-tokens", "20", "--device", "cuda")
     assert generated.returncode == 0 and generated.stdout.startswith("To be"), generated.stderr[-2000:]
+    # (its tokens' agreement with the model's own steps: test_cuda_graph_decoding_follows_the_model)
+    flags = ["--prompt", "To be", "--max-new-tokens", "20", "--device", "cuda", "--cuda-graphs", "--num-samples", "2"]
+    graphed = run_cli("generate", str(hf), *flags)
+    assert graphed.returncode == 0 and graphed.stdout.count("To be") == 2, graphed.stderr[-2000:]
     hellaswag = tmp_path / "hellaswag.jsonl"
     example = {"ctx": "To be, or not to be,", "label": 0, "endings": ["that is the question", "a b c", "x", "y"]}
     hellaswag.write_text("\n".join(json.dumps(example) for _ in range(4)) + "\n")

@@ -216,17 +216,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from gpt2scratch import loading
-    from gpt2scratch.generation import compile_decoding, decoding_layout, stream_text
+    from gpt2scratch.generation import compile_decoding, decoding_layout, stream_text, use_cuda_graphs
     from gpt2scratch.runtime import keep_freed_memory, pick_device
 
     opts = options(args, GenerateOptions)
     device, _ = pick_device(opts.device)
+    if opts.cuda_graphs and device.type != "cuda":
+        raise ValueError(f"--cuda-graphs needs a CUDA GPU, and the device is {device}: add --device cuda, or drop it")
     keep_freed_memory()  # each step's logits and activations reuse the last step's memory
     loaded = loading.load(opts.model, device, _dtype(opts.dtype, device))
     decoding_layout(loaded.model)
     if opts.compile:
         compile_decoding(loaded.model)
         print("--compile: the first tokens wait for the decoding passes to compile (a minute or two)", file=sys.stderr)
+    if opts.cuda_graphs:
+        use_cuda_graphs(loaded.model)
     chosen = {"max_new_tokens": opts.max_new_tokens, "temperature": opts.temperature, "top_k": opts.top_k}
     sampling = dataclasses.replace(
         Sampling.from_training(loaded.config.training),

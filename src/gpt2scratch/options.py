@@ -140,11 +140,21 @@ class GenerateOptions:
     device: str = field(**option("cpu, cuda, mps or auto", "cpu"))
     dtype: str = field(**option(DTYPE_HELP, "auto", choices=DTYPES))
     compile: bool = field(**option(COMPILE_HELP, False))
+    cuda_graphs: bool = field(
+        **option(
+            "on a CUDA GPU, replay each one-token step from a CUDA graph captured once per generation: one launch "
+            "a step instead of a few hundred (eager decoding on a GPU is bound by launches). Not yet measured on "
+            "a GPU: bench/gpu_check.sh does",
+            False,
+        )
+    )
 
     def __post_init__(self) -> None:
         require_int(self, "num_samples")
         if self.num_samples < 1:
             raise ValueError(f"num_samples ({self.num_samples}) must be >= 1")
+        if self.cuda_graphs and self.compile:
+            raise ValueError("--cuda-graphs and --compile both replace the decoding step: choose one")
 
 
 @dataclass
