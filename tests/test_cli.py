@@ -5,9 +5,11 @@ import sys
 
 import pytest
 
+from gpt2scratch.config import GPTConfig
 from gpt2scratch.metrics import MetricsLogger
 from gpt2scratch.serve import require_serving_libraries
 from gpt2scratch.testing import run_cli as run
+from gpt2scratch.testing import write_random_model
 
 
 def test_info_json_gpt2_and_seed_default():
@@ -19,6 +21,21 @@ def test_info_json_gpt2_and_seed_default():
     seed = json.loads(run("info", "--json").stdout)
     assert seed["n_params"] == 163_009_536
     assert seed["config"]["model"]["weight_tying"] is False
+
+
+def test_generate_num_samples_decodes_them_together_and_seeds_each(tmp_path):
+    """--num-samples N: N samples (one batch), the first streamed; with --seed S, sample i is --seed S+i-1's."""
+    config = GPTConfig(vocab_size=50257, context_length=64, emb_dim=32, n_heads=2, n_layers=2, drop_rate=0.0)
+    folder = str(write_random_model(tmp_path / "model", config))
+    flags = ["--prompt", "To be", "--max-new-tokens", "12", "--top-k", "50"]
+    three = run("generate", folder, *flags, "--num-samples", "3", "--seed", "5")
+    assert three.returncode == 0, three.stderr
+    samples = three.stdout.split("--- sample ")[1:]
+    assert [sample.split(" ---\n")[0] for sample in samples] == ["1", "2", "3"]
+    texts = [sample.split(" ---\n", 1)[1] for sample in samples]
+    assert all(text.startswith("To be") for text in texts) and len(set(texts)) == 3
+    alone = run("generate", folder, *flags, "--seed", "6")
+    assert alone.returncode == 0 and alone.stdout == texts[1], alone.stderr
 
 
 def test_info_text_and_overrides(tmp_path):

@@ -222,6 +222,24 @@ def test_complete_stops_at_end_of_text_and_stop_strings():
             assert cut[0] == text[: text.find(stop)]
 
 
+def test_seeded_rows_draw_as_if_alone():
+    """With a seed, row i draws from its own generator, seeded seed + i (as the server seeds a request's choices):
+    its text is the one it gets alone with that seed, whatever shares its batch (here the packed weights of
+    batched steps, and a padded row); the same prompt twice gets two samples."""
+    model, _ = model_and_prompts(vocab_size=50257)
+    decoding_layout(model)
+    tokenizer = Tokenizer.gpt2()
+    prompts = ["Hello", "A longer prompt here", "Hello"]
+    sampling = dict(temperature=1.0, top_k=50)
+    batch = complete(model, tokenizer, prompts, 20, seed=5, **sampling)
+    for row, prompt in enumerate(prompts):
+        assert batch[row] == complete(model, tokenizer, [prompt], 20, seed=5 + row, **sampling)[0]
+    assert batch[0] != batch[2]
+    assert complete(model, tokenizer, prompts, 20, seed=5, **sampling) == batch
+    greedy = complete(model, tokenizer, prompts, 20, seed=5, temperature=0)
+    assert greedy == complete(model, tokenizer, prompts, 20, temperature=0) and greedy[0] == greedy[2]
+
+
 def test_empty_prompt_is_an_error():
     model, _ = model_and_prompts()
     with pytest.raises(ValueError, match="every prompt needs at least one token"):

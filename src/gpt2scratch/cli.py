@@ -240,17 +240,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     torch.set_grad_enabled(False)
 
     def run(prompt: str) -> None:
-        for sample in range(opts.num_samples):
-            if opts.num_samples > 1:
-                print(f"--- sample {sample + 1} ---")
-            print(prompt, end="", flush=True)
-            seed = None if opts.seed is None else opts.seed + sample
-            pieces = stream_text(
-                loaded.model, loaded.tokenizer, [prompt], stop=opts.stop, seed=seed, **dataclasses.asdict(sampling)
-            )
-            for _, piece in pieces:
+        """The samples are decoded together, as one batch (sample i seeded --seed + i): the first is printed as it
+        comes, the others when it ends."""
+        n = opts.num_samples
+        later = [""] * n
+        print("--- sample 1 ---\n" if n > 1 else "", prompt, sep="", end="", flush=True)
+        sampler = dict(stop=opts.stop, seed=opts.seed, **dataclasses.asdict(sampling))
+        for row, piece in stream_text(loaded.model, loaded.tokenizer, [prompt] * n, **sampler):
+            if row == 0:
                 print(piece, end="", flush=True)
-            print()
+            else:
+                later[row] += piece
+        print()
+        for sample in range(1, n):
+            print(f"--- sample {sample + 1} ---\n{prompt}{later[sample]}", flush=True)
 
     if opts.prompt is not None:
         run(opts.prompt)

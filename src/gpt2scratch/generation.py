@@ -375,16 +375,24 @@ def stream_tokens(
     top_p: float = Sampling.top_p,
     eot_id: int | None = None,
     generator: torch.Generator | None = None,
+    row_generators: Sequence[torch.Generator] | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield (B, 1) new token ids, one step at a time, for B prompts (lists of ids, or a (B, T) tensor).
 
     A row that produced eot_id keeps yielding eot_id; iteration ends when every row has, or after max_new_tokens.
+    Random draws come from `generator` (or torch's global one), or with row_generators (CPU generators, one per
+    row) each row's from its own, as the server draws them (sample_rows): a row's tokens then do not depend on the
+    rows beside it.
     """
     device = model.lm_head.weight.device
     context = model.config.context_length
     if isinstance(prompts, torch.Tensor):
         prompts = prompts.tolist()
     history, pad = left_pad(prompts, context, device)
+    if row_generators is not None:
+        if len(row_generators) != history.size(0):
+            raise ValueError(f"{len(row_generators)} row generators for {history.size(0)} prompts")
+        settings = [torch.full((history.size(0),), value, device=device) for value in (temperature, top_k, top_p)]
     was_training = model.training
     model.eval()
     caches = model.new_kv_caches()
@@ -393,7 +401,11 @@ def stream_tokens(
     finished = torch.zeros(history.size(0), 1, dtype=torch.bool, device=device)
     try:
         for _ in range(max_new_tokens):
-            next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
+            if row_generators is None:
+                next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
+            else:
+                uniform = torch.cat([torch.rand(1, generator=g) for g in row_generators]).to(device)
+                next_id = sample_rows(logits[:, -1, :], *settings, uniform)[:, None]
             if eot_id is not None:
                 next_id = next_id.masked_fill(finished, eot_id)
                 finished |= next_id == eot_id
@@ -478,15 +490,17 @@ def stream_text(
     seed: int | None = None,
     **sampling,
 ) -> Iterator[tuple[int, str]]:
-    """Yield (row, text) pieces of the completions of `prompts` as they are generated."""
-    device = model.lm_head.weight.device
-    generator = None
+    """Yield (row, text) pieces of the completions of `prompts` as they are generated. With a seed, row i draws
+    from its own generator seeded seed + i (as the server seeds a request's choices): its text is the same whatever
+    the other rows are, so `generate --num-samples 3 --seed 5`'s second sample is `--seed 6`'s first."""
+    generators = None
     if seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
+        generators = [torch.Generator().manual_seed((seed + row) % 2**63) for row in range(len(prompts))]
     ids = [tokenizer.encode(prompt) if prompt else [tokenizer.eot_id] for prompt in prompts]
     streams = [TextStream(tokenizer, stop) for _ in prompts]
     done = [False] * len(prompts)
-    for step in stream_tokens(model, ids, max_new_tokens, eot_id=tokenizer.eot_id, generator=generator, **sampling):
+    steps = stream_tokens(model, ids, max_new_tokens, eot_id=tokenizer.eot_id, row_generators=generators, **sampling)
+    for step in steps:
         for row, token in enumerate(step[:, 0].tolist()):
             if done[row]:
                 continue
