@@ -15,8 +15,42 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from gpt2scratch.config import GPTConfig  # noqa: E402
 from gpt2scratch.dataset.data_module import prepare  # noqa: E402
 from gpt2scratch.dataset.sources import EMBEDDED_CORPUS  # noqa: E402
+from gpt2scratch.models.kv_cache import KVCache  # noqa: E402
 from gpt2scratch.options import PrepareOptions  # noqa: E402
 from gpt2scratch.testing import write_random_model  # noqa: E402
+
+
+def poison_unwritten_cache_positions(monkeypatch) -> None:
+    """Every KVCache buffer gets NaN in the positions not written yet (past `length`) when it is allocated (first
+    update) or rebuilt (join, keep_rows), so that a path reading them shows it: fresh memory is often zeros, which
+    would hide such a read."""
+
+    def poison(cache: KVCache) -> None:
+        cache.k[:, :, cache.length :] = float("nan")
+        cache.v[:, :, cache.length :] = float("nan")
+
+    update, join, keep_rows = KVCache.update, KVCache.join, KVCache.keep_rows
+
+    def poisoned_update(self, k, v):
+        fresh = self.k is None
+        out = update(self, k, v)
+        if fresh:
+            poison(self)
+        return out
+
+    def poisoned_join(first, second):
+        joined = join(first, second)
+        poison(joined)
+        return joined
+
+    def poisoned_keep_rows(self, rows):
+        keep_rows(self, rows)
+        if self.k is not None:
+            poison(self)
+
+    monkeypatch.setattr(KVCache, "update", poisoned_update)
+    monkeypatch.setattr(KVCache, "join", staticmethod(poisoned_join))
+    monkeypatch.setattr(KVCache, "keep_rows", poisoned_keep_rows)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from conftest import tiny_config
+from conftest import poison_unwritten_cache_positions, tiny_config
 from gpt2scratch.dataset.tokenizer import Tokenizer
 from gpt2scratch.generation import (
     TextStream,
@@ -43,11 +43,14 @@ def test_cached_logits_equal_full_recomputation_at_every_step():
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
-def test_static_decoding_step_equals_the_model(dtype):
+def test_static_decoding_step_equals_the_model(dtype, monkeypatch):
     """The fixed-shape step that CUDA graphs replay (full-length masked attention, keys written at a tensor
-    position) gives the model's own cached step's logits, for a left-padded batch, step after step."""
+    position) gives the model's own cached step's logits, for a left-padded batch, step after step (the caches'
+    unwritten positions NaN until clear_unused)."""
     from gpt2scratch.generation import left_pad
     from gpt2scratch.quantization import apply_dtype
+
+    poison_unwritten_cache_positions(monkeypatch)
 
     model, prompts = model_and_prompts()
     apply_dtype(model, dtype)
@@ -56,6 +59,8 @@ def test_static_decoding_step_equals_the_model(dtype):
     with torch.no_grad():
         logits, _ = model(history, caches=eager, pad_lengths=pad, last_only=True)
         model(history, caches=static, pad_lengths=pad, last_only=True)
+        for cache in static:
+            cache.clear_unused()
         for _ in range(32 - history.size(1)):  # up to the last position of the cache
             next_id = logits[:, -1].argmax(-1, keepdim=True)
             logits, _ = model(next_id, caches=eager, pad_lengths=pad, last_only=True)
@@ -79,7 +84,10 @@ def test_cuda_graph_decoding_bookkeeping_with_a_stand_in_graph(monkeypatch):
     from gpt2scratch.generation import CUDAGraphDecoding, use_cuda_graphs
 
     model, prompts = model_and_prompts()
+    reference = [generate_ids(model, batch, 60, temperature=0) for batch in (prompts, prompts[:1])]
+    poison_unwritten_cache_positions(monkeypatch)  # eager decoding never reads them; the static step clears them
     eager = [generate_ids(model, batch, 60, temperature=0) for batch in (prompts, prompts[:1])]
+    assert eager == reference
     decoder = use_cuda_graphs(model).compiled_decoding
 
     class StandInGraph:

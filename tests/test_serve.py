@@ -28,7 +28,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import write_model
+from conftest import poison_unwritten_cache_positions, write_model
 from gpt2scratch import loading
 from gpt2scratch.generation import complete, sample_rows
 from gpt2scratch.models.kv_cache import KVCache
@@ -109,9 +109,11 @@ def run_engine(engine: Engine, requests: list[CompletionRequest]) -> list[dict[i
 
 def test_continuous_batching_equals_one_request_at_a_time(small_context_model, monkeypatch):
     """Rows of different prompt lengths join a running batch (max 3 rows) as others finish, and the cache fills
-    the context: every greedy completion equals generating that prompt alone, stop strings included."""
+    the context: every greedy completion equals generating that prompt alone, stop strings included (and no step
+    reads a cache position that was not written: those are NaN here)."""
     loaded = loading.load(str(small_context_model))
     tokenizer = loaded.tokenizer
+    poison_unwritten_cache_positions(monkeypatch)
     calls = {"join": 0, "drop_front": 0, "keep_rows": 0}
     for name in calls:
         original = getattr(KVCache, name)

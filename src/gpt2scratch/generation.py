@@ -170,8 +170,9 @@ def static_decoding_step(
     needs: idx (B, 1) at cache position `position` (a 0-d long tensor: the caches' length before this token),
     pad_lengths (B,) (zeros for no padding). The new keys and values go into the caches' preallocated buffers at
     `position` (their `length` is left to the caller), and attention reads all max_len positions under a mask
-    (those after `position` and a row's left padding hidden). Returns the last position's logits (B, 1, vocab_size).
-    The blocks' arithmetic is the model's (TransformerBlock, MultiHeadSelfAttention; tested equal to it)."""
+    (those after `position` and a row's left padding hidden): zero the unused ones first (KVCache.clear_unused).
+    Returns the last position's logits (B, 1, vocab_size). The blocks' arithmetic is the model's (TransformerBlock,
+    MultiHeadSelfAttention; tested equal to it)."""
     B, C = idx.size(0), model.config.emb_dim
     max_len = caches[0].k.size(2)
     pos = (position - pad_lengths).clamp(min=0)[:, None]  # (B, 1)
@@ -227,6 +228,8 @@ class CUDAGraphDecoding:
         self.pad = torch.zeros(idx.size(0), dtype=torch.long, device=idx.device)
         if pad_lengths is not None:
             self.pad.copy_(pad_lengths)
+        for cache in caches:  # (the step reads every position, masked or not)
+            cache.clear_unused()
         # Warm-up runs on a side stream (as torch.cuda.graphs asks), writing this step's keys and values into the
         # caches at `position`: the replay writes the same ones there again.
         stream = torch.cuda.Stream(idx.device)
