@@ -136,6 +136,21 @@ def test_continuous_batching_equals_one_request_at_a_time(small_context_model, m
     assert calls["join"] > 0 and calls["keep_rows"] > 0 and calls["drop_front"] > 0  # each path was taken
 
 
+def test_kv_cache_keep_rows_moves_only_the_rows_that_fill_places():
+    """fill_order: the rows from the end take the places of the rows that leave; keep_rows then copies only
+    those, within the same buffers. Any other order still gives the rows asked for, in that order."""
+    assert KVCache.fill_order([0, 1, 2, 4, 5]) == [0, 1, 2, 5, 4]
+    assert KVCache.fill_order([1, 3]) == [3, 1] and KVCache.fill_order([0, 1]) == [0, 1]
+    keys, values = torch.randn(2, 6, 2, 5, 4).unbind(0)  # (B, nh, T, hs)
+    for order in (KVCache.fill_order([0, 2, 3, 5]), [5, 0, 2]):
+        cache = KVCache(8)
+        cache.update(keys, values)
+        buffer = cache.k.data_ptr()
+        cache.keep_rows(torch.tensor(order))
+        assert torch.equal(cache.k[:, :, :5], keys[order]) and torch.equal(cache.v[:, :, :5], values[order])
+        assert (cache.k.data_ptr() == buffer) == (order != [5, 0, 2])  # in place, or new buffers
+
+
 def test_seeded_sampling_does_not_depend_on_the_batch(small_context_model):
     loaded = loading.load(str(small_context_model))
     ids = loaded.tokenizer.encode("Once upon a time")

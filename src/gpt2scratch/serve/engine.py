@@ -380,6 +380,9 @@ class Engine:
             self._reset()
             return
         if len(keep) < len(rows):
+            token_of = dict(zip(keep, next_ids, strict=True))
+            keep = KVCache.fill_order(keep)  # (rows from the end take the places of those that left: least copied)
+            next_ids = [token_of[i] for i in keep]
             index = torch.tensor(keep, device=self.device)
             for cache in self._caches:
                 cache.keep_rows(index)
