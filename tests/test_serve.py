@@ -120,9 +120,12 @@ def test_continuous_batching_equals_one_request_at_a_time(small_context_model, m
 
         def counted(*args, _name=name, _original=original, **kwargs):
             calls[_name] += 1
-            return _original(*args, **kwargs)
+            result = _original(*args, **kwargs)
+            calls["joined in place"] += _name == "join" and result is args[0]
+            return result
 
         monkeypatch.setattr(KVCache, name, staticmethod(counted) if name == "join" else counted)
+    calls["joined in place"] = 0
 
     texts = ["Hello", "The history of the world is long", "a b c d e f g h i j k l m n o p q r s t", "ROMEO:", "x"]
     lengths = [60, 20, 40, 30, 63]
@@ -134,6 +137,7 @@ def test_continuous_batching_equals_one_request_at_a_time(small_context_model, m
         alone = complete(loaded.model, tokenizer, [text], request.max_tokens, temperature=0, stop=request.stop)[0]
         assert answer[0] == alone
     assert calls["join"] > 0 and calls["keep_rows"] > 0 and calls["drop_front"] > 0  # each path was taken
+    assert calls["joined in place"] > 0
 
 
 def test_kv_cache_keep_rows_moves_only_the_rows_that_fill_places():
@@ -149,6 +153,28 @@ def test_kv_cache_keep_rows_moves_only_the_rows_that_fill_places():
         cache.keep_rows(torch.tensor(order))
         assert torch.equal(cache.k[:, :, :5], keys[order]) and torch.equal(cache.v[:, :, :5], values[order])
         assert (cache.k.data_ptr() == buffer) == (order != [5, 0, 2])  # in place, or new buffers
+
+
+def test_kv_cache_join_uses_the_room_rows_left():
+    """After rows left (keep_rows in place), rows joining a longer batch go into the buffers' free rows, left-padded
+    with zeros, and the batch's rows are not copied; a longer newcomer, or more rows than there is room for, gives
+    a new cache with the same contents."""
+    keys, values = torch.randn(2, 4, 2, 6, 3).unbind(0)  # (B, nh, T, hs)
+    for new_rows, new_length, in_place in ((2, 4, True), (1, 6, True), (3, 4, False), (1, 7, False)):
+        batch = KVCache(8)
+        batch.update(keys, values)
+        batch.keep_rows(torch.tensor(KVCache.fill_order([1, 3])))  # rows 3, 1 left in place; room for 2
+        fresh = KVCache(8)
+        fresh_keys, fresh_values = torch.randn(2, new_rows, 2, new_length, 3).unbind(0)
+        fresh.update(fresh_keys, fresh_values)
+        joined = KVCache.join(batch, fresh)
+        assert (joined is batch) == in_place
+        length = max(6, new_length)
+        assert joined.length == length and joined.k.shape[0] == 2 + new_rows
+        for got, old, new in ((joined.k, keys, fresh_keys), (joined.v, values, fresh_values)):
+            assert torch.equal(got[:2, :, length - 6 : length], old[[3, 1]])
+            assert torch.equal(got[2:, :, length - new_length : length], new)
+            assert not got[:2, :, : length - 6].any() and not got[2:, :, : length - new_length].any()
 
 
 def test_seeded_sampling_does_not_depend_on_the_batch(small_context_model):

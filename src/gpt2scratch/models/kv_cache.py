@@ -17,16 +17,16 @@ class KVCache:
 
     def __init__(self, max_len: int):
         self.max_len = max_len
-        self.k: torch.Tensor | None = None
+        self.k: torch.Tensor | None = None  # (B, nh, max_len, hs): the first B rows of buffers[0]
         self.v: torch.Tensor | None = None
+        self.buffers: tuple[torch.Tensor, torch.Tensor] | None = None  # as allocated (keep_rows may use fewer rows)
         self.length = 0
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append (B, nh, T, hs) keys/values; return all keys/values so far."""
         if self.k is None:
             B, nh, _, hs = k.shape
-            self.k = k.new_empty(B, nh, self.max_len, hs)
-            self.v = v.new_empty(B, nh, self.max_len, hs)
+            self._hold(k.new_empty(B, nh, self.max_len, hs), v.new_empty(B, nh, self.max_len, hs))
         start, end = self.length, self.length + k.size(2)
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; cannot append up to {end}")
@@ -34,6 +34,10 @@ class KVCache:
         self.v[:, :, start:end] = v
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
+
+    def _hold(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.buffers = (k, v)
+        self.k, self.v = k, v
 
     def clear_unused(self) -> None:
         """Zero the positions past `length`, for a step that reads the whole buffer under a mask (the CUDA graphs'
@@ -72,11 +76,12 @@ class KVCache:
                     self.v[place, :, : self.length] = self.v[row, :, : self.length]
             self.k, self.v = self.k[: len(order)], self.v[: len(order)]
             return
-        for name in ("k", "v"):  # copy the positions in use, not the whole max_len buffer
-            old = getattr(self, name)
+        kept = []
+        for old in (self.k, self.v):  # copy the positions in use, not the whole max_len buffer
             new = old.new_empty(rows.numel(), *old.shape[1:])
             new[:, :, : self.length] = old[:, :, : self.length].index_select(0, rows)
-            setattr(self, name, new)
+            kept.append(new)
+        self._hold(*kept)
 
     def drop_front(self, n: int) -> None:
         """Forget the first n positions (padding that no row needs any more)."""
@@ -90,19 +95,31 @@ class KVCache:
     @staticmethod
     def join(first: KVCache, second: KVCache) -> KVCache:
         """The rows of `first`, then those of `second`, right-aligned in one cache: the shorter one is padded on
-        the left with zeros (finite, so masked positions add exactly nothing) to the longer one's length."""
+        the left with zeros (finite, so masked positions add exactly nothing) to the longer one's length. Where
+        `first`'s buffers have room for `second`'s rows (rows that left: keep_rows) and its rows are the longer,
+        they go there and `first` is returned, its rows not copied; otherwise both are copied into a new cache."""
         if first.k is None or second.k is None:
             raise ValueError("cannot join an empty KV cache")
+        B1, B2 = first.k.size(0), second.k.size(0)
+        room = first.buffers[0].size(0) - B1
+        if room >= B2 and second.length <= first.length and second.k.dtype == first.k.dtype:
+            pad = first.length - second.length
+            for buffer, rows in zip(first.buffers, (second.k, second.v), strict=True):
+                buffer[B1 : B1 + B2, :, :pad].zero_()
+                buffer[B1 : B1 + B2, :, pad : first.length] = rows[:, :, : second.length]
+            first.k, first.v = (buffer[: B1 + B2] for buffer in first.buffers)
+            return first
         length = max(first.length, second.length)
         joined = KVCache(max(first.max_len, second.max_len))
-        B1, B2 = first.k.size(0), second.k.size(0)
         nh, hs = first.k.size(1), first.k.size(3)
+        out = []
         for name in ("k", "v"):
-            out = first.k.new_empty(B1 + B2, nh, joined.max_len, hs)
+            buffer = first.k.new_empty(B1 + B2, nh, joined.max_len, hs)
             for rows, cache in ((slice(0, B1), first), (slice(B1, B1 + B2), second)):
                 pad = length - cache.length
-                out[rows, :, :pad] = 0
-                out[rows, :, pad:length] = getattr(cache, name)[:, :, : cache.length]
-            setattr(joined, name, out)
+                buffer[rows, :, :pad].zero_()
+                buffer[rows, :, pad:length] = getattr(cache, name)[:, :, : cache.length]
+            out.append(buffer)
+        joined._hold(*out)
         joined.length = length
         return joined
