@@ -3,6 +3,7 @@
     python bench/serve_load.py                          # random `mini` model, 32 clients x 4 requests
     python bench/serve_load.py --model runs/shakespeare --clients 32 --requests 8
     python bench/serve_load.py --url http://127.0.0.1:8000 --model-name shakespeare   # a server already running
+    python bench/serve_load.py --preset gpt2 --max-tokens 16 --max-tokens-up-to 240   # rows leave and join one by one
     git worktree add /tmp/before COMMIT && python bench/serve_load.py --baseline-src /tmp/before/src  # vs that code
 
 Without --url it starts two servers on free loopback ports, one with continuous batching (--max-batch-size,
@@ -122,7 +123,7 @@ async def run_load(url: str, model: str, args: argparse.Namespace, api_key: str 
             body = {
                 "model": model,
                 "prompt": rng.choice(PROMPTS),
-                "max_tokens": args.max_tokens,
+                "max_tokens": draw_max_tokens(rng, args),
                 "temperature": 1.0,
                 "top_k": 50,
                 "seed": client_id * 1000 + i,
@@ -138,6 +139,18 @@ async def run_load(url: str, model: str, args: argparse.Namespace, api_key: str 
         await asyncio.gather(*(client_task(c, client) for c in range(args.clients)))
         result.wall = time.perf_counter() - started
     return result
+
+
+def draw_max_tokens(rng: random.Random, args: argparse.Namespace) -> int:
+    """--max-tokens, or with --max-tokens-up-to a length drawn from [--max-tokens, --max-tokens-up-to]: requests
+    that end at different steps, so that rows leave and join a running batch one by one."""
+    if args.max_tokens_up_to is None:
+        return args.max_tokens
+    return rng.randint(args.max_tokens, max(args.max_tokens, args.max_tokens_up_to))
+
+
+def lengths(args: argparse.Namespace) -> str:
+    return str(args.max_tokens) if args.max_tokens_up_to is None else f"{args.max_tokens}-{args.max_tokens_up_to}"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -220,6 +233,7 @@ class TransformersSerial:
             if time.perf_counter() > deadline:
                 break
             ids = torch.tensor([self.loaded.tokenizer.encode(rng.choice(PROMPTS))])
+            max_new_tokens = draw_max_tokens(rng, args)
             t0 = time.perf_counter()
             torch.manual_seed(round_index * 1000 + i)
             with torch.no_grad():
@@ -228,7 +242,7 @@ class TransformersSerial:
                     attention_mask=torch.ones_like(ids),
                     do_sample=True,
                     top_k=50,
-                    max_new_tokens=args.max_tokens,
+                    max_new_tokens=max_new_tokens,
                     eos_token_id=eot,
                     pad_token_id=eot,
                 )
@@ -259,6 +273,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--requests", type=int, default=4, help="requests per client")
     parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument(
+        "--max-tokens-up-to", type=int, help="each request's max_tokens drawn from [--max-tokens, this] (seeded)"
+    )
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--max-queue", type=int, default=256)
     parser.add_argument("--reference-requests", type=int, default=16, help="requests timed with transformers")
@@ -282,7 +299,7 @@ def main() -> None:
     )
     if args.url:
         check_loopback(args.url)
-        print(f"{args.clients} clients x {args.requests} requests, max_tokens {args.max_tokens} -> {args.url}")
+        print(f"{args.clients} clients x {args.requests} requests, max_tokens {lengths(args)} -> {args.url}")
         print(header)
         result = asyncio.run(run_load(args.url.rstrip("/"), args.model_name, args, args.api_key))
         report("server", result)
@@ -292,7 +309,7 @@ def main() -> None:
         model_dir = args.model or random_model(args.preset, Path(tmp) / "model")
         print(
             f"{model_dir}: {args.clients} clients x {args.requests} requests (half streamed), max_tokens "
-            f"{args.max_tokens}, sampling top-k 50; CPU, {os.cpu_count()} cores; {args.rounds} interleaved rounds, "
+            f"{lengths(args)}, sampling top-k 50; CPU, {os.cpu_count()} cores; {args.rounds} interleaved rounds, "
             "tok/s = median over rounds, latencies pooled"
         )
         reference = TransformersSerial(model_dir)

@@ -582,7 +582,7 @@ def test_full_queue_answers_429_and_the_server_recovers(model_dir):
 def test_load_test_script_reports_no_failures(server):
     result = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "serve_load.py"), "--url", server.url, "--model-name", "tiny"]
-        + ["--clients", "8", "--requests", "2", "--max-tokens", "8", "--time-limit", "60"],
+        + ["--clients", "8", "--requests", "2", "--max-tokens", "8", "--max-tokens-up-to", "16", "--time-limit", "60"],
         capture_output=True,
         text=True,
         timeout=300,
