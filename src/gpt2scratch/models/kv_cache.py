@@ -96,8 +96,9 @@ class KVCache:
     def join(first: KVCache, second: KVCache) -> KVCache:
         """The rows of `first`, then those of `second`, right-aligned in one cache: the shorter one is padded on
         the left with zeros (finite, so masked positions add exactly nothing) to the longer one's length. Where
-        `first`'s buffers have room for `second`'s rows (rows that left: keep_rows) and its rows are the longer,
-        they go there and `first` is returned, its rows not copied; otherwise both are copied into a new cache."""
+        `first`'s buffers have room for `second`'s rows (rows that left: keep_rows) and `second` is no longer than
+        `first`, they go there and `first` is returned, its rows not copied; otherwise both are copied into a new
+        cache."""
         if first.k is None or second.k is None:
             raise ValueError("cannot join an empty KV cache")
         B1, B2 = first.k.size(0), second.k.size(0)
