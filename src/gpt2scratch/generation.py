@@ -356,6 +356,16 @@ def sample_rows(
     return token if rows is None else greedy.index_copy(0, rows, token)
 
 
+def row_generator(seed: int, row: int) -> torch.Generator:
+    """The CPU generator of batch row `row` under `seed` (a request's choice, a --num-samples sample): seed + row."""
+    return torch.Generator().manual_seed((seed + row) % 2**63)
+
+
+def row_uniforms(generators: Sequence[torch.Generator], device) -> torch.Tensor:
+    """One draw in [0, 1) from each row's own generator: sample_rows' `uniform`, (B,) on `device`."""
+    return torch.cat([torch.rand(1, generator=g) for g in generators]).to(device)
+
+
 def left_pad(prompts: Sequence[Sequence[int]], context: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(B, T) ids, each prompt cropped to its last `context` tokens and left-padded to the longest, and the
     (B,) pad lengths (None when no row is padded)."""
@@ -407,8 +417,7 @@ def stream_tokens(
             if row_generators is None:
                 next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
             else:
-                uniform = torch.cat([torch.rand(1, generator=g) for g in row_generators]).to(device)
-                next_id = sample_rows(logits[:, -1, :], *settings, uniform)[:, None]
+                next_id = sample_rows(logits[:, -1, :], *settings, row_uniforms(row_generators, device))[:, None]
             if eot_id is not None:
                 next_id = next_id.masked_fill(finished, eot_id)
                 finished |= next_id == eot_id
@@ -498,7 +507,7 @@ def stream_text(
     the other rows are, so `generate --num-samples 3 --seed 5`'s second sample is `--seed 6`'s first."""
     generators = None
     if seed is not None:
-        generators = [torch.Generator().manual_seed((seed + row) % 2**63) for row in range(len(prompts))]
+        generators = [row_generator(seed, row) for row in range(len(prompts))]
     ids = [tokenizer.encode(prompt) if prompt else [tokenizer.eot_id] for prompt in prompts]
     streams = [TextStream(tokenizer, stop) for _ in prompts]
     done = [False] * len(prompts)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gpt2scratch.generation import TextStream, decoding_step, left_pad, sample_rows
+from gpt2scratch.generation import TextStream, decoding_step, left_pad, row_generator, row_uniforms, sample_rows
 from gpt2scratch.models.gpt import GPT
 from gpt2scratch.models.kv_cache import KVCache
 from gpt2scratch.options import ServeOptions
@@ -195,11 +195,10 @@ class Engine:
         for p, prompt in enumerate(request.prompts):
             for j in range(request.n):
                 choice = p * request.n + j
-                generator = torch.Generator()
                 if request.seed is not None:
-                    generator.manual_seed((request.seed + choice) % 2**63)
+                    generator = row_generator(request.seed, choice)
                 else:
-                    generator.manual_seed(int(torch.randint(2**62, (1,), generator=self._seeds)))
+                    generator = row_generator(int(torch.randint(2**62, (1,), generator=self._seeds)), 0)
                 rows.append(Row(job, choice, prompt, TextStream(self.tokenizer, request.stop), generator))
         with self._cond:
             if not self.alive:
@@ -333,7 +332,7 @@ class Engine:
     def _step(self) -> None:
         """Sample one token for every row, send the text, drop finished rows, run the next forward pass."""
         rows = self._rows
-        uniform = torch.cat([torch.rand(1, generator=row.generator) for row in rows])
+        uniform = row_uniforms([row.generator for row in rows], self.device)
         try:
             tokens = self._sample(rows, self._logits, uniform)
         except Exception:  # find the rows whose settings fail: they fail alone
