@@ -1,4 +1,4 @@
-"""What bf16 and int8 weights (`--dtype`) cost in quality: teacher forcing over the val split, against fp32.
+"""What bf16, int8 and int8-dynamic (`--dtype`) cost in quality: teacher forcing over the val split, against fp32.
 
     python bench/dtype_quality.py RUN                  # e.g. the folder `python main.py --out RUN` trained
     python bench/dtype_quality.py RUN --windows 200 --data-dir data/shakespeare-bpe4096
@@ -40,16 +40,16 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=100)
     args = parser.parse_args()
     results = {}
-    for dtype in ("fp32", "bf16", "int8"):
+    for dtype in ("fp32", "bf16", "int8", "int8-dynamic"):
         loaded = loading.load(args.model, dtype=dtype)
         split = TokenSplit(args.data_dir or loaded.config.data.dir, "val")
         results[dtype] = teacher_forced(loaded.model, split, args.windows)
     top1, loss = results["fp32"]
     print(f"{args.model}: {top1.numel():,} val positions")
-    print(f"{'dtype':>5} {'top-1 = fp32':>13} {'val loss':>9} {'vs fp32':>9}")
+    print(f"{'dtype':>12} {'top-1 = fp32':>13} {'val loss':>9} {'vs fp32':>9}")
     for dtype, (predictions, value) in results.items():
         agreement = (predictions == top1).float().mean().item()
-        print(f"{dtype:>5} {agreement:>13.2%} {value:>9.4f} {(value - loss) / loss:>+9.3%}")
+        print(f"{dtype:>12} {agreement:>13.2%} {value:>9.4f} {(value - loss) / loss:>+9.3%}")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
     python bench/generate_speed.py --dtypes fp32 int8 int8+compile --batches 1
     python bench/generate_speed.py --device cuda --dtypes fp32 bf16 fp32+graphs bf16+graphs   # on a GPU
 
-Ours decodes in each of --dtypes (fp32, bf16, int8: `generate --dtype`; D+compile: `generate --dtype D
+Ours decodes in each of --dtypes (fp32, bf16, int8, int8-dynamic: `generate --dtype`; D+compile: `generate --dtype D
 --compile`, whose compilation runs before the timed rounds and is reported apart; D+graphs, on a GPU: the
 one-token steps replayed from CUDA graphs, `generation.use_cuda_graphs`, captured within each timed run),
 transformers in fp32 (the way a user runs it). Both sides decode greedily (so they do the same work, and in
@@ -37,7 +37,11 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    variants = ["fp32", "bf16", "int8", "fp32+compile", "bf16+compile", "int8+compile", "fp32+graphs", "bf16+graphs"]
+    variants = [
+        *(f"{dtype}{how}" for how in ("", "+compile") for dtype in ("fp32", "bf16", "int8", "int8-dynamic")),
+        "fp32+graphs",
+        "bf16+graphs",
+    ]
     parser.add_argument(
         "--dtypes", nargs="+", default=["fp32", "bf16", "int8", "bf16+compile", "int8+compile"], choices=variants
     )

@@ -42,7 +42,7 @@ def test_cached_logits_equal_full_recomputation_at_every_step():
             logits, _ = model(next_id, caches=caches)
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8", "int8-dynamic"])
 def test_static_decoding_step_equals_the_model(dtype, monkeypatch):
     """The fixed-shape step that CUDA graphs replay (full-length masked attention, keys written at a tensor
     position) gives the model's own cached step's logits, for a left-padded batch, step after step (the caches'

@@ -306,7 +306,7 @@ def _dtype(requested: str, device) -> str:
 
     dtype, reason = pick_dtype(requested, device)
     if requested == "auto":
-        print(f"dtype: {dtype} ({reason}; --dtype fp32|bf16|int8 to choose)", file=sys.stderr)
+        print(f"dtype: {dtype} ({reason}; --dtype fp32|bf16|int8|int8-dynamic to choose)", file=sys.stderr)
     return dtype
 
 

@@ -89,6 +89,10 @@ class CompiledDecoding:
         self.compiled = torch.compile(own, dynamic=True)
         on_cpu = model.lm_head.weight.device.type == "cpu"
         self.inductor = CPU_DECODING_INDUCTOR if on_cpu else {}
+        if on_cpu and getattr(model, "decode_dtype", None) == "int8-dynamic":
+            # the C++ GEMM template has no int8 x int8 product (torch._int_mm), and without it there are no
+            # choices to tune: ATen's product, and the quantization around it fused into C++ kernels
+            self.inductor = {**self.inductor, "max_autotune": False}
         self.failed = False
         self.warm: set[tuple] = set()  # the one-token steps that have run with their guards checked
 

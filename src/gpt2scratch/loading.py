@@ -50,8 +50,8 @@ def resolve(path_or_name: str) -> Path:
 
 
 def load(path_or_name: str, device: str | torch.device = "cpu", dtype: str = "fp32") -> LoadedModel:
-    """The model at `path_or_name` on `device`, in eval mode, for decoding in `dtype` (fp32, bf16, int8 or auto:
-    see quantization.py)."""
+    """The model at `path_or_name` on `device`, in eval mode, for decoding in `dtype` (fp32, bf16, int8,
+    int8-dynamic or auto: see quantization.py)."""
     from gpt2scratch.quantization import apply_dtype, pick_dtype
 
     dtype, _ = pick_dtype(dtype, torch.device(device))

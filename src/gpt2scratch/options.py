@@ -14,15 +14,16 @@ from dataclasses import dataclass, field
 
 from gpt2scratch.config import require_int
 
-DTYPES = ("auto", "fp32", "bf16", "int8")  # gpt2scratch.quantization
+DTYPES = ("auto", "fp32", "bf16", "int8", "int8-dynamic")  # gpt2scratch.quantization
 COMPILE_HELP = (
     "compile the decoding forward passes with torch.compile (inductor; needs a C++ compiler on a CPU): about 2x "
     "the tokens/s of bf16 and int8 weights on a CPU, after a compilation of one to two minutes (GPT-2 124M) at "
     "the start of each run: for long generations and servers"
 )
 DTYPE_HELP = (
-    "weights to decode with: fp32, bf16, int8 (weight-only, per channel) or auto (bf16 on CPUs with native "
-    "bfloat16, else fp32; fp32 on GPUs, where it measured faster)"
+    "weights to decode with: fp32, bf16, int8 (weight-only, per channel), int8-dynamic (int8 weights and int8 "
+    "activations, each row quantized at run time: integer matmuls, for batches on CPUs without bfloat16) or auto "
+    "(bf16 on CPUs with native bfloat16, else fp32; fp32 on GPUs, where it measured faster)"
 )
 
 MAX_SHARD_VOCAB = 2**16  # token ids are stored as uint16 in the shards

@@ -8,13 +8,17 @@ weights' bytes: fp32 is 4 bytes a weight, bf16 2, int8 1.
 - int8: weight-only int8 for the same matrices, symmetric per output channel (scale = max |w| of the row / 127),
   multiplied by PyTorch's own `_weight_int8pack_mm` on CPUs with bf16 inputs (its fast path: with fp32 inputs
   it is ten times slower), a dequantised F.linear on other devices.
-In both, the residual stream, embeddings, LayerNorms, attention and logits stay fp32: only the weights are
-rounded (bf16 activations through the residual stream cost top-1 agreement with fp32, not speed: a decoding
-step's time is the weights' bytes).
+- int8-dynamic (W8A8): int8 weights as int8's, and each input row of those matrices quantized at run time to
+  256 levels between its own minimum and maximum; the product is int8 x int8 -> int32 (`torch._int_mm`), exact.
+  For batches on CPUs without bfloat16, where int8 weight-only and fp32 are both bound by fp32 arithmetic.
+In all, the residual stream, embeddings, LayerNorms, attention and logits stay fp32: only the weights are
+rounded, and in int8-dynamic the matrices' inputs (bf16 activations through the residual stream cost top-1
+agreement with fp32, not speed: a decoding step's time is the weights' bytes).
 - auto: bf16 on CPUs with native bfloat16 instructions (avx512_bf16 / AMX), fp32 elsewhere, GPUs included (there a
   decoding step is bound by kernel launches, not weight bytes: bf16 measured 0.59x fp32's speed on an H200).
   On a CPU without bfloat16 it says that int8 decodes faster there at batch 1 (int8pack_mm widens bf16 inputs in
-  registers); batches of 8 or more rows decode faster in fp32 there (DecodingLinear's packed weights).
+  registers) and int8-dynamic in batches (integer products; fp32 with DecodingLinear's packed weights beats int8
+  weight-only there).
 """
 
 from __future__ import annotations
@@ -41,8 +45,8 @@ def pick_dtype(requested: str, device: torch.device) -> tuple[str, str]:
             return "bf16", "the CPU has native bfloat16 instructions (avx512_bf16/amx)"
         # generate_speed.py, 124M batch 1, a Xeon without bf16: int8 1.5x fp32, compiled 3.4x
         return "fp32", (
-            "no native bfloat16 on this CPU; --dtype int8 decodes one prompt at a time faster here, 1-2% of top-1 "
-            "choices changed"
+            "no native bfloat16 on this CPU; --dtype int8 decodes one prompt at a time faster here, and --dtype "
+            "int8-dynamic batches (a server), with --compile; 1-2% of top-1 choices changed"
         )
     return "fp32", f"{device.type} without native bfloat16"
 
@@ -74,6 +78,44 @@ class Int8Linear(nn.Module):
             y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)
         else:
             y = F.linear(x2, self.weight.to(torch.bfloat16)) * self.scales
+        y = y[:, : self.out_features].to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*shape[:-1], self.out_features)
+
+
+class Int8DynamicLinear(nn.Module):
+    """W8A8: the weight as in Int8Linear (int8, one scale per output row), and the input quantized too, at run time,
+    each row to uint8 with its own scale and zero point (asymmetric: GELU outputs are mostly positive); the
+    product is int8 x int8 -> int32 (`torch._int_mm`: VNNI / AMX int8 instructions on CPUs), which is exact, and
+    is scaled back to the caller's dtype. A row's result does not depend on the other rows of its batch.
+
+    On a CPU without native bfloat16, where Int8Linear widens its inputs to fp32 and a batched step is bound by
+    fp32 arithmetic, integer products run about 2-3x faster than fp32 (16-32 rows of GPT-2 124M's matrices)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        int8 = Int8Linear(linear)  # the same int8 weight and scales, padded rows included
+        self.register_buffer("weight", int8.weight)
+        self.register_buffer("scales", int8.scales.float())
+        # x = s (q + 128 - z) with q = round(x / s) + z - 128 in int8, so x W^T = s (q W^T + (128 - z) sum_k W)
+        self.register_buffer("row_sums", int8.weight.sum(dim=1, dtype=torch.int32))
+        self.bias = int8.bias
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).float()
+        low = x2.amin(dim=-1, keepdim=True).clamp(max=0)
+        high = x2.amax(dim=-1, keepdim=True).clamp(min=0)
+        scale = ((high - low) / 255).clamp(min=torch.finfo(torch.float32).tiny)
+        zero = torch.round(-low / scale)  # in [0, 255]
+        q = (torch.round(x2 / scale) + (zero - 128)).clamp(-128, 127).to(torch.int8)
+        if x2.device.type == "cpu":
+            acc = torch._int_mm(q, self.weight.t())
+        else:  # (CUDA's _int_mm wants more than 16 rows; fp32 sums of these integer products are close to exact)
+            acc = F.linear(q.float(), self.weight.float())
+        y = (acc + (128 - zero).int() * self.row_sums).float() * (scale * self.scales)
         y = y[:, : self.out_features].to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
@@ -135,7 +177,7 @@ def apply_dtype(model: nn.Module, dtype: str) -> nn.Module:
     if dtype == "fp32":
         return model
     model.decoded_params = model.num_params()
-    low = Int8Linear if dtype == "int8" else BF16Linear.from_linear
+    low = {"int8": Int8Linear, "int8-dynamic": Int8DynamicLinear, "bf16": BF16Linear.from_linear}[dtype]
     head = model.lm_head  # its own low-precision copy (a tied embedding stays fp32, for lookups and refining)
     model.lm_head = RefinedHead(low(head), head.weight)
     for block in model.transformer.h:
