@@ -176,8 +176,8 @@ def step_logits(model, step, sequence: list[int], prompt_length: int) -> torch.T
 @pytest.mark.parametrize("dtype", ["bf16", "int8", "int8-dynamic"])
 def test_compiled_decoding_follows_eager(trained, dtype):
     """--compile (inductor's C++ GEMM templates on frozen weights) computes the eager model's logits, step by step
-    along one sequence, and decodes its greedy tokens; int8 also for a second model of the same shapes and in
-    batches of prompts."""
+    along one sequence, and decodes its greedy tokens; int8 and int8-dynamic also for a second model of the same
+    shapes and in batches of prompts."""
     eager = loading.load(str(trained), dtype=dtype)
     compiled = compile_decoding(loading.load(str(trained), dtype=dtype).model)
     prompt = eager.tokenizer.encode("To be, or not to be, that is the question")

@@ -73,18 +73,20 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
-        if x2.device.type == "cpu":
-            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)
-        else:
-            y = F.linear(x2, self.weight.to(torch.bfloat16)) * self.scales
-        y = y[:, : self.out_features].to(x.dtype)
+        y = self.product(x.reshape(-1, shape[-1]))[:, : self.out_features].to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features)
 
+    def product(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 (rows, in) times the scaled weight: (rows, padded out)."""
+        x2 = x2.to(torch.bfloat16)
+        if x2.device.type == "cpu":
+            return torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)
+        return F.linear(x2, self.weight.to(torch.bfloat16)) * self.scales
 
-class Int8DynamicLinear(nn.Module):
+
+class Int8DynamicLinear(Int8Linear):
     """W8A8: the weight as in Int8Linear (int8, one scale per output row), and the input quantized too, at run time,
     each row to uint8 with its own scale and zero point (asymmetric: GELU outputs are mostly positive); the
     product is int8 x int8 -> int32 (`torch._int_mm`: VNNI / AMX int8 instructions on CPUs), which is exact, and
@@ -94,18 +96,13 @@ class Int8DynamicLinear(nn.Module):
     fp32 arithmetic, integer products run about 2-3x faster than fp32 (16-32 rows of GPT-2 124M's matrices)."""
 
     def __init__(self, linear: nn.Linear):
-        super().__init__()
-        int8 = Int8Linear(linear)  # the same int8 weight and scales, padded rows included
-        self.register_buffer("weight", int8.weight)
-        self.register_buffer("scales", int8.scales.float())
+        super().__init__(linear)
+        self.scales = self.scales.float()
         # x = s (q + 128 - z) with q = round(x / s) + z - 128 in int8, so x W^T = s (q W^T + (128 - z) sum_k W)
-        self.register_buffer("row_sums", int8.weight.sum(dim=1, dtype=torch.int32))
-        self.bias = int8.bias
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("row_sums", self.weight.sum(dim=1, dtype=torch.int32))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).float()
+    def product(self, x2: torch.Tensor) -> torch.Tensor:
+        x2 = x2.float()
         low = x2.amin(dim=-1, keepdim=True).clamp(max=0)
         high = x2.amax(dim=-1, keepdim=True).clamp(min=0)
         scale = ((high - low) / 255).clamp(min=torch.finfo(torch.float32).tiny)
@@ -115,11 +112,7 @@ class Int8DynamicLinear(nn.Module):
             acc = torch._int_mm(q, self.weight.t())
         else:  # (CUDA's _int_mm wants more than 16 rows; fp32 sums of these integer products are close to exact)
             acc = F.linear(q.float(), self.weight.float())
-        y = (acc + (128 - zero).int() * self.row_sums).float() * (scale * self.scales)
-        y = y[:, : self.out_features].to(x.dtype)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.view(*shape[:-1], self.out_features)
+        return (acc + (128 - zero).int() * self.row_sums).float() * (scale * self.scales)
 
 
 class BF16Linear(nn.Linear):
