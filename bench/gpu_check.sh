@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
-# One prepared check of the CUDA paths, sized for a lent GPU (about 7 minutes on one H100 or H200, at most 9):
+# One prepared check of the CUDA paths, sized for a lent GPU (about 7 minutes on one H100 or H200, at most 10):
 #   1. at once, side by side (what they check does not depend on speed):
 #      - the tests marked `cuda` (bf16/fp16 autocast vs fp32, compile == eager, padded vocabulary, activation
 #        checkpointing, resume bit for bit, KV cache == recomputation, CUDA-graph decoding, generate / eval / serve
 #        on the GPU);
 #      - `python main.py` as a user runs it on a GPU (the `gpu` preset on the embedded corpus: Muon + WSD over
-#        1,500 steps, compiled), and the same with AdamW + cosine (the optimizer before, issue 16);
-#      - both recipes eagerly, without the budget or early stop (the same 1,500 steps), for val loss per step;
-#   2. alone, timed: bench/train_speed.py, GPT-2 124M, context 1024, bf16 + torch.compile, ours vs transformers,
-#      with PyTorch's own choice of attention kernel and with cuDNN's and flash attention's forced first;
-#   3. alone, timed: bench/attention_speed.py (each SDPA backend on 124M's attention, and which one PyTorch picks)
-#      and bench/profile_train_step.py (where our compiled step's GPU time goes, by kernel);
-#   4. alone, timed: bench/generate_speed.py on the GPU, ours in fp32 and bf16, eager and replayed from CUDA graphs,
-#      vs transformers fp32 (compiling the decoding step on CUDA took over 100 s in the first run: left out).
+#        1,500 steps, compiled), and the same with AdamW + cosine (the optimizer before, issue 16); with
+#        STEPS=1, both recipes eagerly too, without the budget or early stop (the same 1,500 steps);
+#   2. alone, timed: bench/generate_speed.py on the GPU, ours in fp32 and bf16, eager and replayed from CUDA graphs,
+#      vs transformers fp32 (compiling the decoding step on CUDA took over 100 s in the first run: left out);
+#   3. alone, timed: bench/train_speed.py, GPT-2 124M, context 1024, bf16 + torch.compile, ours vs transformers,
+#      with PyTorch's own choice of attention kernel and with cuDNN's forced first;
+#   4. alone, timed: bench/attention_speed.py (each SDPA backend on 124M's attention, and which one PyTorch picks)
+#      and bench/profile_train_step.py (where our compiled step's GPU time goes, by kernel).
 # Each stage has its own time limit, so one that hangs does not take the others with it. Everything goes to
 # OUT_DIR (default gpu_check_out/): the logs, the benchmarks' JSON, and one summary, results.md.
 #
@@ -75,21 +75,23 @@ ADAMW=(--optimizer adamw --schedule cosine)
 FIXED=(--early-stop 0 --time-budget 0 --compile off --sample-every 0)
 stage main_py 180 $PYTHON main.py --out "$RUNS/main_py" &
 stage main_py_adamw 180 $PYTHON main.py --out "$RUNS/main_py_adamw" "${ADAMW[@]}" &
-stage steps_muon 180 $PYTHON main.py --out "$RUNS/steps_muon" "${FIXED[@]}" &
-stage steps_adamw 180 $PYTHON main.py --out "$RUNS/steps_adamw" "${FIXED[@]}" "${ADAMW[@]}" &
+if [ "${STEPS:-0}" = 1 ]; then
+    stage steps_muon 180 $PYTHON main.py --out "$RUNS/steps_muon" "${FIXED[@]}" &
+    stage steps_adamw 180 $PYTHON main.py --out "$RUNS/steps_adamw" "${FIXED[@]}" "${ADAMW[@]}" &
+fi
 wait
 for run in main_py main_py_adamw steps_muon steps_adamw; do
     cp "$RUNS/$run/metrics.jsonl" "$OUT_DIR/$run.metrics.jsonl" 2>/dev/null
 done
 
-# 2., 3. and 4. Alone, for timings.
-stage train_speed 240 $PYTHON bench/train_speed.py --batch-size 16 --precision bf16 --compile on \
-    --attention auto cudnn flash --steps 5 --rounds 3 --warmup 3 --out "$OUT_DIR/train_speed.json"
-stage attention_speed 60 $PYTHON bench/attention_speed.py --batch-size 16 --dtype bf16
-stage profile 120 $PYTHON bench/profile_train_step.py --batch-size 16 \
-    --precision bf16 --compile on --steps 3 --rows 40
+# 2., 3. and 4. Alone, for timings: decoding first (CUDA graphs, issue 15), then training speed and where it goes.
 stage generate_speed 100 $PYTHON bench/generate_speed.py --device cuda --dtypes fp32 bf16 fp32+graphs bf16+graphs \
     --batches 1 8 --rounds 3
+stage train_speed 200 $PYTHON bench/train_speed.py --batch-size 16 --precision bf16 --compile on \
+    --attention auto cudnn --steps 5 --rounds 3 --warmup 3 --out "$OUT_DIR/train_speed.json"
+stage attention_speed 45 $PYTHON bench/attention_speed.py --batch-size 16 --dtype bf16
+stage profile 100 $PYTHON bench/profile_train_step.py --batch-size 16 \
+    --precision bf16 --compile on --steps 3 --rows 40
 
 {
     echo
@@ -103,7 +105,6 @@ print(f"{'run':<14}{'steps':>7}{'min':>6}{'best val':>9}{'at step':>8}{'last val
 for run in ("main_py", "main_py_adamw", "steps_muon", "steps_adamw"):
     path = Path(sys.argv[1]) / f"{run}.metrics.jsonl"
     if not path.is_file():
-        print(f"{run:<14} no metrics")
         continue
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     train = [r for r in rows if "train_loss" in r]
