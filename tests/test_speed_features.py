@@ -26,9 +26,9 @@ from gpt2scratch.generation import generate_ids
 from gpt2scratch.hf import export_folder
 from gpt2scratch.models import GPT
 from gpt2scratch.runtime import Runtime, setup_runtime
-from gpt2scratch.testing import ServerProcess, copy_checkpoint, run_cli, same_weights
+from gpt2scratch.testing import ServerProcess, copy_checkpoint, read_metrics, run_cli, same_weights
 from gpt2scratch.testing import read_metrics as losses
-from gpt2scratch.trainer import Trainer
+from gpt2scratch.trainer import Trainer, lr_at
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
@@ -340,6 +340,48 @@ def test_an_early_stopped_run_exports_its_best_weights(hamlet_data, tmp_path, mo
     best, last = (checkpoint.load_model_state(tmp_path / "ckpt" / f"step_{s:06d}") for s in (8, 14))
     assert torch.equal(exported, best["transformer.wpe.weight"])
     assert not torch.equal(exported, last["transformer.wpe.weight"])
+
+
+def test_early_stop_in_the_wsd_plateau_starts_the_decay(hamlet_data, tmp_path):
+    """On a wsd schedule a val loss that stops improving before the decay begins the decay there (the run shortened
+    so that its decay_fraction starts now), instead of stopping at the high learning rate."""
+    config = make_config(hamlet_data, max_steps=40, eval_every=2, save_every=0, early_stop=3, schedule="wsd")
+    runtime = setup_runtime(config.training)
+    data = DataModule(config.data.dir, config.model.context_length, config.training.batch_size)
+    trainer = ScriptedTrainer(config, tmp_path, runtime, data)
+    summary = trainer.fit()
+    # best 3.9 at step 8; 4.0, 4.2, 4.3 at steps 10-14, in the plateau (decay from step 32 of 40): the decay
+    # starts at 14, 20% of round(14 / 0.8) = 18 steps; 4.4 at 16 is one evaluation without improvement, not 3
+    assert summary["step"] == 18 and not summary["stopped_early"] and trainer.cooldown_step == 14
+    assert trainer.run_config().training.max_steps == 18
+    lrs = read_metrics(tmp_path, "lr")  # step n's record holds the learning rate of its update, lr_at(n - 1)
+    max_lr = config.training.max_lr
+    assert lrs[14] == lrs[15] == pytest.approx(max_lr) and lrs[16] == pytest.approx(max_lr * 3 / 4)
+    assert lrs[18] == pytest.approx(max_lr / 4) and lr_at(18, trainer.schedule) == 0.0
+
+
+def test_early_stop_in_the_wsd_decay_stops_and_a_resume_keeps_the_count(hamlet_data, tmp_path, monkeypatch):
+    """After the decay began, early_stop evaluations without improvement end the run (exporting the best
+    weights); a run resumed from the checkpoint where the decay began counts as the whole run does."""
+    from gpt2scratch.cli import main
+
+    monkeypatch.setattr(Trainer, "evaluate", ScriptedTrainer.evaluate)
+    monkeypatch.setattr(Trainer, "script", ScriptedTrainer.script, raising=False)
+    args = ["--preset", "tiny", "--data-dir", hamlet_data, "--max-steps", "40", "--eval-every", "2"]
+    args += ["--schedule", "wsd", "--decay-fraction", "0.5", "--early-stop", "2", "--save-every", "2"]
+    args += ["--keep-last", "20", "--sample-every", "0"]
+    assert main(["train", *map(str, args), "--out", str(tmp_path / "full")]) == 0
+    # best at step 8; 4.0, 4.2 at 10, 12 (plateau): decay from 12 to round(12 / 0.5) = 24; 4.3, 4.4 at 14, 16
+    full = json.loads((tmp_path / "full" / "ckpt" / "step_000016" / "state.json").read_text())
+    assert full["config"]["training"]["max_steps"] == 16 and full["cooldown_step"] == 12
+    assert checkpoint.latest(tmp_path / "full" / "ckpt").name == "step_000016"
+    resumed_at = json.loads((tmp_path / "full" / "ckpt" / "step_000012" / "state.json").read_text())
+    assert resumed_at["config"]["training"]["max_steps"] == 24
+    copy_checkpoint(tmp_path / "full", tmp_path / "half", 12)
+    assert main(["train", *map(str, args), "--out", str(tmp_path / "half"), "--resume"]) == 0
+    assert checkpoint.latest(tmp_path / "half" / "ckpt").name == "step_000016"
+    after = {step: lr for step, lr in read_metrics(tmp_path / "full", "lr").items() if step > 12}
+    assert read_metrics(tmp_path / "half", "lr") == after
 
 
 def test_presets_for_the_seed_and_the_gpu():
