@@ -5,8 +5,8 @@
 #        checkpointing, resume bit for bit, KV cache == recomputation, CUDA-graph decoding, generate / eval / serve
 #        on the GPU);
 #      - `python main.py` as a user runs it on a GPU (the `gpu` preset on the embedded corpus: Muon + WSD over
-#        1,500 steps, compiled), and the same with AdamW + cosine (the optimizer before, issue 16); with
-#        STEPS=1, both recipes eagerly too, without the budget or early stop (the same 1,500 steps);
+#        1,000 steps, compiled), and the same with AdamW + cosine (the optimizer before, issue 16); with
+#        STEPS=1, both recipes eagerly too, without the budget or early stop (the same 1,000 steps);
 #   2. alone, timed: bench/generate_speed.py on the GPU, ours in fp32 and bf16, eager and replayed from CUDA graphs,
 #      vs transformers fp32 (compiling the decoding step on CUDA took over 100 s in the first run: left out);
 #   3. alone, timed: bench/train_speed.py, GPT-2 124M, context 1024, bf16 + torch.compile, ours vs transformers,

@@ -389,7 +389,7 @@ def test_presets_for_the_seed_and_the_gpu():
     gpu = resolve_config("gpu")
     assert (gpu.model.n_layers, gpu.model.emb_dim, gpu.model.context_length) == (6, 384, 256)
     assert gpu.training.early_stop > 0 and gpu.training.time_budget > 0 and gpu.data.tokenizer == "bpe:4096"
-    assert (gpu.training.optimizer, gpu.training.schedule, gpu.training.max_steps) == ("muon", "wsd", 1500)
+    assert (gpu.training.optimizer, gpu.training.schedule, gpu.training.max_steps) == ("muon", "wsd", 1000)
     assert not gpu.training.budget_extends  # sized to the data: the budget only shortens it
 
 
