@@ -10,7 +10,8 @@
 #   2. alone, timed: bench/generate_speed.py on the GPU, ours in fp32 and bf16, eager and replayed from CUDA graphs,
 #      vs transformers fp32 (compiling the decoding step on CUDA took over 100 s in the first run: left out);
 #   3. alone, timed: bench/train_speed.py, GPT-2 124M, context 1024, bf16 + torch.compile, ours vs transformers,
-#      with PyTorch's own choice of attention kernel and with cuDNN's forced first;
+#      compiled in torch.compile's default mode and with CUDA graphs (reduce-overhead), each also timed without
+#      the trainer's per-step host reads (--unsynced: how much of the step the GPU waits for the host);
 #   4. alone, timed: bench/attention_speed.py (each SDPA backend on 124M's attention, and which one PyTorch picks)
 #      and bench/profile_train_step.py (where our compiled step's GPU time goes, by kernel).
 # Each stage has its own time limit, so one that hangs does not take the others with it. Everything goes to
@@ -88,7 +89,7 @@ done
 stage generate_speed 100 $PYTHON bench/generate_speed.py --device cuda --dtypes fp32 bf16 fp32+graphs bf16+graphs \
     --batches 1 8 --rounds 3
 stage train_speed 200 $PYTHON bench/train_speed.py --batch-size 16 --precision bf16 --compile on \
-    --attention auto cudnn --steps 5 --rounds 3 --warmup 3 --out "$OUT_DIR/train_speed.json"
+    --compile-mode default reduce-overhead --unsynced --steps 5 --rounds 3 --warmup 3 --out "$OUT_DIR/train_speed.json"
 stage attention_speed 45 $PYTHON bench/attention_speed.py --batch-size 16 --dtype bf16
 stage profile 100 $PYTHON bench/profile_train_step.py --batch-size 16 \
     --precision bf16 --compile on --steps 3 --rows 40

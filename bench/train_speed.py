@@ -5,20 +5,26 @@ precision, interleaved in one run.
     python bench/train_speed.py --drop-rate 0 0.1 --precision fp32 bf16   # the CPU table of issue 14
     python bench/train_speed.py --batch-size 16 --compile on --out results.json   # on a GPU
     python bench/train_speed.py --batch-size 16 --attention auto cudnn flash     # each SDPA backend first, on a GPU
+    python bench/train_speed.py --batch-size 16 --compile-mode default reduce-overhead --unsynced   # on a GPU
 
 One training step on each side is what `gpt2scratch train` does per micro-batch: forward under autocast,
 cross-entropy, backward, gradient clipping at 1.0, a (fused) AdamW update with weight decay on the matrices.
 Both models start from the same weights; ours pads its vocabulary to a multiple of 64 (as training does), theirs
 is transformers' own GPT-2 (SDPA attention). Each round times --steps steps of every variant in turn, after
 --warmup untimed steps (compilation happens there); the table shows medians over --rounds rounds and
-ours / theirs. MFU counts 6 x parameters + attention FLOPs per token (estimates.flops_per_token) against the GPU's
-dense bf16 peak; on a CPU, against the matmul rate this script measures for the precision used (best of 5
+ours / theirs. --compile-mode compiles both sides in each of torch.compile's modes (reduce-overhead: CUDA graphs).
+--unsynced adds a column: the same steps back to back with one host sync after the last (clipping by
+clip_grad_norm_, which does not read the norm; no loss read), the speed of a loop that reads nothing from the GPU
+each step, against the trainer's step, which reads the loss and the gradient norm (and so waits for the GPU).
+MFU counts 6 x parameters + attention FLOPs per token (estimates.flops_per_token) against the GPU's dense bf16
+peak; on a CPU, against the matmul rate this script measures for the precision used (best of 5
 2048^3 products in each round, before that round's steps; the median over the rounds).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import statistics
@@ -58,6 +64,14 @@ def main() -> None:
         default=["auto"],
         help="which SDPA backend comes first on both sides (auto: PyTorch's own priority; several: each)",
     )
+    parser.add_argument(
+        "--compile-mode",
+        nargs="+",
+        choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
+        default=["default"],
+        help="torch.compile's mode, on both sides (several: each)",
+    )
+    parser.add_argument("--unsynced", action="store_true", help="also time steps without per-step host reads")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant per round")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, allocations)")
@@ -69,6 +83,8 @@ def main() -> None:
     device, _ = pick_device(args.device)
     keep_freed_memory()  # as `gpt2scratch train` runs (setup_runtime): each step reuses the last step's memory
     use_compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+    if not use_compile:
+        args.compile_mode = [None]
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     base = resolve_config(args.preset).model
@@ -91,7 +107,7 @@ def main() -> None:
             ceilings[precision] = gpu_peak_flops(name)
         else:
             rates[precision] = []
-        for drop, attention in itertools.product(args.drop_rate, args.attention):
+        for drop, attention, mode in itertools.product(args.drop_rate, args.attention, args.compile_mode):
             config = replace(base, drop_rate=drop)
             torch.manual_seed(0)
             ours = GPT(config, pad_vocab=64)
@@ -99,7 +115,7 @@ def main() -> None:
             if not args.no_reference:
                 sides["transformers"] = hf_model_from_gpt(GPT(config)).train()
             for side, model in sides.items():
-                variants.append(Variant(side, precision, drop, model, device, use_compile, args.batch_size, attention))
+                variants.append(Variant(side, precision, drop, model, device, mode, args.batch_size, attention))
     for variant in variants:  # warm-up (and compilation) outside the timed rounds
         for _ in range(args.warmup):
             variant.step()
@@ -108,6 +124,8 @@ def main() -> None:
             measured.append(measure_matmul_flops(device, precision))
         for variant in variants:
             variant.seconds.append(statistics.median(variant.step() for _ in range(args.steps)))
+            if args.unsynced:
+                variant.unsynced.append(variant.unsynced_steps(args.steps))
     for precision, measured in rates.items():  # the machine's rate moves by ~30% from one run to the next
         ceilings[precision] = statistics.median(measured)
         print(
@@ -117,9 +135,11 @@ def main() -> None:
         )
 
     results = []
+    mode_column = f" {'compile mode':>26}" if len(args.compile_mode) > 1 else ""
+    unsynced_column = f" {'unsynced ms/step':>16} {'MFU':>6}" if args.unsynced else ""
     print(
-        f"\n{'precision':>9} {'dropout':>7} {'attention':>9} {'side':>12} {'ms/step':>9} {'tok/s':>9} {'MFU':>6} "
-        f"{'ours/ref':>9}"
+        f"\n{'precision':>9} {'dropout':>7} {'attention':>9}{mode_column} {'side':>12} {'ms/step':>9} {'tok/s':>9} "
+        f"{'MFU':>6} {'ours/ref':>9}{unsynced_column}"
     )
     for variant in variants:
         seconds = statistics.median(variant.seconds)
@@ -129,23 +149,31 @@ def main() -> None:
         same = [v for v in variants if v.setting == variant.setting]
         reference = next((v for v in same if v.side == "transformers"), None)
         ratio = statistics.median(reference.seconds) / seconds if reference and variant.side == "ours" else None
+        unsynced = statistics.median(variant.unsynced) if variant.unsynced else None
+        unsynced_mfu = flops * tokens / unsynced / peak if unsynced and peak else None
         results.append(
             dict(
                 side=variant.side,
                 precision=variant.precision,
                 drop_rate=variant.drop,
                 attention=variant.attention,
+                compile_mode=variant.compile_mode,
                 ms_per_step=seconds * 1000,
+                unsynced_ms_per_step=None if unsynced is None else unsynced * 1000,
                 tokens_per_sec=rate,
                 mfu=mfu,
                 ratio=ratio,
                 peak_flops=peak,
             )
         )
+        mode_cell = f" {str(variant.compile_mode):>26}" if mode_column else ""
+        unsynced_cell = ""
+        if args.unsynced:
+            unsynced_cell = f" {unsynced * 1000:>16.1f} {'' if unsynced_mfu is None else f'{unsynced_mfu:.1%}':>6}"
         print(
-            f"{variant.precision:>9} {variant.drop:>7g} {variant.attention:>9} {variant.side:>12} "
+            f"{variant.precision:>9} {variant.drop:>7g} {variant.attention:>9}{mode_cell} {variant.side:>12} "
             f"{seconds * 1000:>9.1f} {rate:>9,.0f} "
-            f"{'' if mfu is None else f'{mfu:.1%}':>6} {'' if ratio is None else f'{ratio:.2f}x':>9}"
+            f"{'' if mfu is None else f'{mfu:.1%}':>6} {'' if ratio is None else f'{ratio:.2f}x':>9}{unsynced_cell}"
         )
     peak_text = "the GPU's dense bf16 peak" if device.type == "cuda" else "the measured matmul rate of that precision"
     print(f"(MFU: {flops / 1e6:,.0f} MFLOP per token against {peak_text})")
@@ -167,33 +195,54 @@ def main() -> None:
 class Variant:
     """One model in one precision: a training step as `gpt2scratch train` takes it, timed."""
 
-    def __init__(self, side, precision, drop, model, device, use_compile, batch_size, attention="auto"):
+    def __init__(self, side, precision, drop, model, device, compile_mode, batch_size, attention="auto"):
         self.side, self.precision, self.drop, self.attention = side, precision, drop, attention
-        self.setting = (precision, drop, attention)  # what ours and transformers share, to be compared
+        self.compile_mode = compile_mode  # None: eager
+        self.setting = (precision, drop, attention, compile_mode)  # what ours and transformers share, to compare
         # PyTorch's own priority, or the named backend first (then the others, for inputs it does not take)
         self.backends = None
         if attention != "auto":
             self.backends = list(dict.fromkeys([SDPA_FIRST[attention], *SDPA_FIRST.values()]))
         self.model = model.to(device).train()
-        self.runtime = Runtime(device, precision, use_compile)
+        self.runtime = Runtime(device, precision, compile_mode is not None)
         self.optimizer = configure_optimizer(self.model, TrainingConfig(), device)
         self.scaler = self.runtime.grad_scaler()
-        self.forward = torch.compile(self.model) if use_compile else self.model
+        self.forward = self.model if compile_mode is None else torch.compile(self.model, mode=compile_mode)
         self.device = device
         config = model.config
         vocab, context = config.vocab_size, getattr(config, "context_length", None) or config.n_positions
         generator = torch.Generator().manual_seed(1)
         self.batch = torch.randint(0, vocab, (batch_size, context + 1), generator=generator)
         self.seconds: list[float] = []
+        self.unsynced: list[float] = []  # --unsynced: seconds a step, steps back to back without host reads
 
     def step(self) -> float:
+        with self._backends():  # compiled under it too
+            return self._step()
+
+    def unsynced_steps(self, steps: int) -> float:
+        """Seconds a step over `steps` steps taken back to back, reading nothing from the device until the last."""
+        with self._backends():
+            synchronize(self.device)
+            started = time.perf_counter()
+            for _ in range(steps):
+                self._update(self._loss(), sync=False)
+            synchronize(self.device)
+            return (time.perf_counter() - started) / steps
+
+    def _backends(self):
         if self.backends is None:
-            return self._step()
-        with sdpa_kernel(self.backends, set_priority=True):  # compiled under it too
-            return self._step()
+            return contextlib.nullcontext()
+        return sdpa_kernel(self.backends, set_priority=True)
 
     def _step(self) -> float:
         started = time.perf_counter()
+        loss = self._loss()
+        self._update(loss, sync=True)
+        loss.item()  # the trainer reads the loss every step too (and this waits for the GPU)
+        return time.perf_counter() - started
+
+    def _loss(self) -> torch.Tensor:
         x, y = self.runtime.to_device(self.batch[:, :-1].numpy(), self.batch[:, 1:].numpy())
         with self.runtime.autocast():
             if self.side == "ours":
@@ -201,14 +250,26 @@ class Variant:
             else:  # transformers shifts the labels itself: give it the whole row
                 full = torch.cat([x, y[:, -1:]], dim=1)
                 loss = self.forward(input_ids=full[:, :-1], labels=full[:, :-1]).loss
+        return loss
+
+    def _update(self, loss: torch.Tensor, sync: bool) -> None:
+        """Backward, clipping at 1.0 and the optimizer step: as the trainer takes them (sync: its clip_gradients,
+        which reads the norm), or without reading anything (torch's clip_grad_norm_ scales by the clamped
+        coefficient on the device)."""
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
-        clip_gradients(list(self.model.parameters()), 1.0)
+        if sync:
+            clip_gradients(list(self.model.parameters()), 1.0)
+        else:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        loss.item()  # the trainer reads the loss every step too (and this waits for the GPU)
-        return time.perf_counter() - started
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def measure_matmul_flops(device: torch.device, precision: str, n: int = 2048, repeats: int = 5) -> float:
