@@ -134,10 +134,15 @@ def test_eval_reports_its_dtype(trained, hamlet_data):
     assert results["int8-dynamic"]["loss"] == pytest.approx(results["fp32"]["loss"], rel=0.02)
 
 
-SERVERS = [("int8", False), ("int8", True), ("int8-dynamic", True)]
+# (the compiled servers compile four passes each: about 3 minutes apiece on 2 cores, hence `slow`)
+SERVERS = [
+    pytest.param("int8", False, id="eager"),
+    pytest.param("int8", True, id="compile", marks=pytest.mark.slow),
+    pytest.param("int8-dynamic", True, id="dynamic-compile", marks=pytest.mark.slow),
+]
 
 
-@pytest.mark.parametrize(("dtype", "compiled"), SERVERS, ids=["eager", "compile", "dynamic-compile"])
+@pytest.mark.parametrize(("dtype", "compiled"), SERVERS)
 def test_serve_with_int8_weights(trained, dtype, compiled):
     import urllib.request
 

@@ -372,6 +372,7 @@ def test_one_query_attention_equals_sdpa(padded):
     assert_close(one_query_attention(q, k, v, pad), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_compiled_steps_skip_guards_only_where_a_graph_took_them():
     """A compiled one-token step of a kind already run with its guards checked skips checking them; where that
     would need a graph not compiled yet (here: the signature is made to lie, so batch 1 and batch 2 look alike),
