@@ -8,14 +8,17 @@ precision, interleaved in one run.
     python bench/train_speed.py --batch-size 16 --compile-mode default reduce-overhead --unsynced   # on a GPU
 
 One training step on each side is what `gpt2scratch train` does per micro-batch: forward under autocast,
-cross-entropy, backward, gradient clipping at 1.0, a (fused) AdamW update with weight decay on the matrices.
+cross-entropy, backward, gradient clipping at 1.0, a (fused) AdamW update with weight decay on the matrices,
+skipped if the loss or the norm is not finite (trainer.update); the loss and the norm are read as the trainer
+reads them: at once on a CPU, after the next step is queued on a GPU (so a step is timed as the mean over
+--steps steps back to back).
 Both models start from the same weights; ours pads its vocabulary to a multiple of 64 (as training does), theirs
 is transformers' own GPT-2 (SDPA attention). Each round times --steps steps of every variant in turn, after
 --warmup untimed steps (compilation happens there); the table shows medians over --rounds rounds and
 ours / theirs. --compile-mode compiles both sides in each of torch.compile's modes (reduce-overhead: CUDA graphs).
 --unsynced adds a column: the same steps back to back with one host sync after the last (clipping by
-clip_grad_norm_, which does not read the norm; no loss read), the speed of a loop that reads nothing from the GPU
-each step, against the trainer's step, which reads the loss and the gradient norm (and so waits for the GPU).
+clip_grad_norm_, no skip of non-finite steps, nothing read), the speed of a loop that reads nothing from the GPU,
+against the trainer's way.
 MFU counts 6 x parameters + attention FLOPs per token (estimates.flops_per_token) against the GPU's dense bf16
 peak; on a CPU, against the matmul rate this script measures for the precision used (best of 5
 2048^3 products in each round, before that round's steps; the median over the rounds).
@@ -39,7 +42,7 @@ from gpt2scratch.estimates import flops_per_token
 from gpt2scratch.hf import hf_model_from_gpt
 from gpt2scratch.models import GPT
 from gpt2scratch.runtime import Runtime, gpu_peak_flops, keep_freed_memory, pick_device, pick_precision
-from gpt2scratch.trainer import clip_gradients, configure_optimizer
+from gpt2scratch.trainer import can_update_unread, configure_optimizer, update
 
 SDPA_FIRST = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -117,13 +120,12 @@ def main() -> None:
             for side, model in sides.items():
                 variants.append(Variant(side, precision, drop, model, device, mode, args.batch_size, attention))
     for variant in variants:  # warm-up (and compilation) outside the timed rounds
-        for _ in range(args.warmup):
-            variant.step()
+        variant.steps(args.warmup)
     for _ in range(args.rounds):
         for precision, measured in rates.items():
             measured.append(measure_matmul_flops(device, precision))
         for variant in variants:
-            variant.seconds.append(statistics.median(variant.step() for _ in range(args.steps)))
+            variant.seconds.append(variant.steps(args.steps))
             if args.unsynced:
                 variant.unsynced.append(variant.unsynced_steps(args.steps))
     for precision, measured in rates.items():  # the machine's rate moves by ~30% from one run to the next
@@ -207,6 +209,7 @@ class Variant:
         self.runtime = Runtime(device, precision, compile_mode is not None)
         self.optimizer = configure_optimizer(self.model, TrainingConfig(), device)
         self.scaler = self.runtime.grad_scaler()
+        self.defer_reads = device.type == "cuda" and can_update_unread([self.optimizer], self.scaler)  # as training
         self.forward = self.model if compile_mode is None else torch.compile(self.model, mode=compile_mode)
         self.device = device
         config = model.config
@@ -216,9 +219,24 @@ class Variant:
         self.seconds: list[float] = []
         self.unsynced: list[float] = []  # --unsynced: seconds a step, steps back to back without host reads
 
-    def step(self) -> float:
+    def steps(self, steps: int) -> float:
+        """Seconds a step over `steps` steps taken back to back as the trainer takes them: each step's loss and norm
+        read at once, or (defer_reads) after the next step is queued."""
         with self._backends():  # compiled under it too
-            return self._step()
+            synchronize(self.device)
+            started = time.perf_counter()
+            queued = None
+            for _ in range(steps):
+                loss = self._loss()
+                self.scaler.scale(loss).backward()
+                parameters = list(self.model.parameters())
+                figures = update([self.optimizer], self.scaler, parameters, loss.detach(), 1.0, not self.defer_reads)
+                self.optimizer.zero_grad(set_to_none=True)
+                if queued is not None:
+                    queued.values()
+                queued = figures
+            queued.values()
+            return (time.perf_counter() - started) / steps
 
     def unsynced_steps(self, steps: int) -> float:
         """Seconds a step over `steps` steps taken back to back, reading nothing from the device until the last."""
@@ -226,7 +244,12 @@ class Variant:
             synchronize(self.device)
             started = time.perf_counter()
             for _ in range(steps):
-                self._update(self._loss(), sync=False)
+                self.scaler.scale(self._loss()).backward()
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
             synchronize(self.device)
             return (time.perf_counter() - started) / steps
 
@@ -234,13 +257,6 @@ class Variant:
         if self.backends is None:
             return contextlib.nullcontext()
         return sdpa_kernel(self.backends, set_priority=True)
-
-    def _step(self) -> float:
-        started = time.perf_counter()
-        loss = self._loss()
-        self._update(loss, sync=True)
-        loss.item()  # the trainer reads the loss every step too (and this waits for the GPU)
-        return time.perf_counter() - started
 
     def _loss(self) -> torch.Tensor:
         x, y = self.runtime.to_device(self.batch[:, :-1].numpy(), self.batch[:, 1:].numpy())
@@ -251,20 +267,6 @@ class Variant:
                 full = torch.cat([x, y[:, -1:]], dim=1)
                 loss = self.forward(input_ids=full[:, :-1], labels=full[:, :-1]).loss
         return loss
-
-    def _update(self, loss: torch.Tensor, sync: bool) -> None:
-        """Backward, clipping at 1.0 and the optimizer step: as the trainer takes them (sync: its clip_gradients,
-        which reads the norm), or without reading anything (torch's clip_grad_norm_ scales by the clamped
-        coefficient on the device)."""
-        self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.optimizer)
-        if sync:
-            clip_gradients(list(self.model.parameters()), 1.0)
-        else:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
 
 
 def synchronize(device: torch.device) -> None:

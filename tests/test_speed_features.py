@@ -444,6 +444,25 @@ def test_cuda_resume_is_bit_for_bit(hamlet_data, tmp_path):
 
 
 @pytest.mark.cuda
+def test_cuda_deferred_reads_take_the_same_steps(hamlet_data, tmp_path):
+    """On the GPU a step's loss and norm are read after the next step is queued (Trainer.defer_reads, the
+    default there; the skip of a non-finite step a device flag): the same losses and weights, bit for bit, as
+    reading each step at once."""
+    config = make_config(
+        hamlet_data, drop_rate=0.1, device="cuda", precision="bf16", compile="off", max_steps=10, grad_clip=0.5
+    )
+    deferred, deferred_losses = train(config, tmp_path / "deferred")
+    assert deferred.defer_reads
+    runtime = setup_runtime(config.training)
+    data = DataModule(config.data.dir, config.model.context_length, config.training.batch_size)
+    at_once = Trainer(config, tmp_path / "at_once", runtime, data)
+    at_once.defer_reads = False
+    at_once.fit()
+    assert losses(tmp_path / "at_once") == losses(tmp_path / "deferred") and len(deferred_losses) == 10
+    assert same_weights(tmp_path / "at_once", tmp_path / "deferred", 10)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_kv_cache_generation_equals_recomputation(dtype):
     torch.manual_seed(0)

@@ -108,6 +108,36 @@ def test_resume_is_bit_for_bit(data_dir, tmp_path):
     assert same_weights(tmp_path / "full", tmp_path / "half", 20)
 
 
+def test_deferred_reads_take_the_same_steps(data_dir, tmp_path):
+    """How a GPU trains (defer_reads: a step's loss and gradient norm read after the next step is queued, clipping
+    and the skip of a non-finite step done on the device) gives the same records, checkpoints and weights, bit for
+    bit, as reading each step at once; with dropout, clipping at work, evaluations and checkpoints between."""
+    config = make_config(data_dir, max_steps=12, save_every=4, keep_last=5, eval_every=6, grad_clip=0.5)
+    config = type(config)(GPTConfig(**{**config.model.__dict__, "drop_rate": 0.1}), config.training, config.data)
+    make_trainer(config, tmp_path / "at_once").fit()
+    trainer = make_trainer(config, tmp_path / "deferred")
+    trainer.defer_reads = True
+    order = []
+    queue_step, finish_step = trainer.queue_step, trainer.finish_step
+    trainer.queue_step = lambda: order.append(("queue", trainer.step + 1)) or queue_step()
+    trainer.finish_step = lambda queued: order.append(("finish", queued.step)) or finish_step(queued)
+    trainer.fit()
+    for key in ("train_loss", "grad_norm", "dt_ms"):
+        assert sorted(metrics(tmp_path / "deferred", key)) == list(range(1, 13))
+    for key in ("train_loss", "grad_norm", "val_loss"):
+        assert metrics(tmp_path / "deferred", key) == metrics(tmp_path / "at_once", key)  # exact float equality
+    assert max(metrics(tmp_path / "at_once", "grad_norm").values()) > 0.5  # the clipping scaled some steps
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "deferred" / "ckpt")] == [
+        p.name for p in checkpoint.list_checkpoints(tmp_path / "at_once" / "ckpt")
+    ]
+    assert same_weights(tmp_path / "at_once", tmp_path / "deferred", 12)
+    # step 1 was read after step 2 was queued; steps 4 and 8 (checkpoints) and 6 (evaluation) before the next
+    assert order[:5] == [("queue", 1), ("queue", 2), ("finish", 1), ("queue", 3), ("finish", 2)]
+    for step in (4, 6, 8):
+        assert order.index(("finish", step)) < order.index(("queue", step + 1))
+    assert order[-1] == ("finish", 12) and len(order) == 24
+
+
 def test_checkpoint_layout_is_unwrapped_and_safe(data_dir, tmp_path):
     config = make_config(data_dir, max_steps=4, save_every=2, keep_last=1)
     make_trainer(config, tmp_path).fit()
@@ -187,10 +217,13 @@ def test_corrupt_checkpoints_give_a_clear_error(data_dir, tmp_path):
         make_trainer(config, tmp_path, resume=True)
 
 
-def test_non_finite_loss_is_skipped_then_stops_the_run(data_dir, tmp_path, caplog):
+@pytest.mark.parametrize("defer_reads", [False, True], ids=["read-at-once", "deferred-reads"])
+def test_non_finite_loss_is_skipped_then_stops_the_run(data_dir, tmp_path, caplog, defer_reads):
+    """(deferred-reads: the GPU's way, each step read after the next is queued, the skip a flag on the device)"""
     config = make_config(data_dir, max_steps=20, save_every=2, keep_last=5)
     trainer = make_trainer(config, tmp_path)
-    real_step = trainer.train_step
+    trainer.defer_reads = defer_reads
+    real_step = trainer.queue_step
 
     def poisoned_step():
         if trainer.step == 4:  # from step 5 on, every loss is NaN
@@ -198,7 +231,7 @@ def test_non_finite_loss_is_skipped_then_stops_the_run(data_dir, tmp_path, caplo
                 trainer.raw_model.transformer.ln_f.weight.fill_(float("nan"))
         return real_step()
 
-    trainer.train_step = poisoned_step
+    trainer.queue_step = poisoned_step
     with pytest.raises(TrainingError, match="5 non-finite losses in a row at step 9: the run diverged"):
         trainer.fit()
     assert "is not finite; skipping this update (1/5 in a row)" in caplog.text

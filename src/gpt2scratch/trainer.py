@@ -11,7 +11,8 @@ micro-batches of `batch_size` x `context_length` tokens on each of `world_size` 
         lr = cosine schedule with linear warm-up (the seed's numbers)
         for each micro-batch: loss = model(x, y) / accumulation; loss.backward()   (grads all-reduced at the last)
         clip the gradient norm; AdamW step (or skip it if the loss or the norm is not finite)
-        log; every eval_every: val loss / perplexity / bits per byte; sample; checkpoint
+        log (on a GPU: once the next step is queued); every eval_every: val loss / perplexity / bits per byte;
+        sample; checkpoint
 
 Each cadence has an owner: the runtime (runtime.py) knows the device, precision and ranks, the checkpointer
 (checkpoint.py) saves and resumes, the metrics logger (metrics.py) shows and keeps the records, and a time
@@ -47,10 +48,21 @@ from gpt2scratch.runtime import Runtime, all_reduce, shard, wrap
 log = logging.getLogger(__name__)
 
 MAX_BAD_STEPS = 5  # consecutive non-finite losses before the run stops
+STOP_CHECK_EVERY = 16  # with reads deferred, ranks agree on a Ctrl-C every this many steps (a check waits for all)
 
 
 class TrainingError(RuntimeError):
     """The run cannot go on (diverged, out of memory); the message says what to change."""
+
+
+@dataclass
+class QueuedStep:
+    """An optimizer update taken (queued on the device): its figures are read by Trainer.finish_step."""
+
+    step: int
+    lr: float
+    started: float  # time.perf_counter() when it began
+    figures: Readback  # loss, gradient norm
 
 
 @dataclass(frozen=True)
@@ -118,6 +130,79 @@ def clip_gradients(parameters: list[torch.nn.Parameter], max_norm: float | None)
     return value.item()
 
 
+class Readback:
+    """A few device values on their way to the host: the copy is queued behind the work that computes them, and
+    `values()` waits for that copy alone (a CUDA event), not for the work queued after it."""
+
+    def __init__(self, values: torch.Tensor):
+        self._event = None
+        if values.device.type == "cuda":
+            self._host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            self._host.copy_(values, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = values
+
+    def values(self) -> list[float]:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host.tolist()
+
+
+def is_bad_step(loss: float, grad_norm: float, scaler: torch.amp.GradScaler) -> bool:
+    """A step whose update is skipped: a non-finite loss, or gradient norm (with fp16's scaler, non-finite
+    gradients are the scaler's to handle: it skips those updates and lowers its scale by itself)."""
+    return not math.isfinite(loss) or (not scaler.is_enabled() and not math.isfinite(grad_norm))
+
+
+def can_update_unread(optimizers: list[torch.optim.Optimizer], scaler: torch.amp.GradScaler) -> bool:
+    """Whether update() can skip a non-finite step without reading anything: fused AdamW takes the skip as a
+    device flag (found_inf, as GradScaler gives it fp16 steps); Muon, foreach AdamW and the scaler's own found_inf
+    cannot."""
+    fused = all(isinstance(o, torch.optim.AdamW) and o.defaults.get("fused") for o in optimizers)
+    return fused and not scaler.is_enabled()
+
+
+def update(
+    optimizers: list[torch.optim.Optimizer],
+    scaler: torch.amp.GradScaler,
+    parameters: list[torch.nn.Parameter],
+    loss: torch.Tensor,
+    max_norm: float | None,
+    read: bool = True,
+) -> Readback:
+    """The update of a training step: unscale (fp16), clip the gradient norm at max_norm, step the optimizers,
+    skipped where the loss or the norm is not finite (is_bad_step). Returns the loss and the norm before clipping.
+
+    read: read them at once (a host sync: free on a CPU, where it lets clip_gradients skip a pass). Otherwise
+    (can_update_unread) nothing is read: the clipping scales by its clamped coefficient on the device and the
+    skip is fused AdamW's found_inf flag, so the host can queue the next step while the device runs this one
+    (on an H200, reading at once left the GPU idle ~6 ms of a 39 ms GPT-2 step). The same weights bit for bit:
+    the clamped coefficient is 1.0 exactly where clip_gradients skips its pass."""
+    for optimizer in optimizers:
+        scaler.unscale_(optimizer)
+    if not read:
+        total = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+        if max_norm:
+            torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total)
+        found_inf = (~(torch.isfinite(loss) & torch.isfinite(total))).float()
+        for optimizer in optimizers:
+            optimizer.found_inf = found_inf
+            try:
+                optimizer.step()
+            finally:
+                del optimizer.found_inf
+        return Readback(torch.stack([loss.float(), total.float()]))
+    grad_norm = clip_gradients(parameters, max_norm)
+    value = loss.item()
+    if not is_bad_step(value, grad_norm, scaler):
+        for optimizer in optimizers:
+            scaler.step(optimizer)
+        scaler.update()
+    return Readback(torch.tensor([value, grad_norm], dtype=torch.float64))
+
+
 def configure_optimizer(
     model: torch.nn.Module, training: TrainingConfig, device: torch.device, exclude: set[int] = frozenset()
 ):
@@ -173,6 +258,11 @@ class Trainer:
             )
         self.optimizers = configure_optimizers(self.raw_model, t, runtime.device)
         self.scaler = runtime.grad_scaler()
+        # On a GPU a step's loss and gradient norm are read after the next step is queued, so the GPU never waits
+        # for the host between steps (FSDP2 reads at once: its norm is a DTensor)
+        self.defer_reads = runtime.device.type == "cuda" and not t.fsdp
+        self.defer_reads &= can_update_unread(self.optimizers, self.scaler)
+        self._last_finished = 0.0  # time.perf_counter() when the last step's figures were read
         self.loader = data.train_loader()
         self.tokenizer = Tokenizer(data.tokenizer_dir())
         self.checkpointer = Checkpointer(self.run_dir, runtime, t.save_every, t.keep_last, data.tokenizer_dir())
@@ -211,17 +301,18 @@ class Trainer:
         self.metrics.open(total=self.schedule.max_steps, initial=self.step)
         last_eval: dict = {}
         started = time.perf_counter()
+        queued: QueuedStep | None = None  # (defer_reads) the last step taken, its figures not read yet
         try:
             while self.step < self.schedule.max_steps and not self._should_stop():
-                record = self.train_step()
+                taken = self.queue_step()
+                if queued is not None:  # the step before, which the device ran while this one was queued
+                    self._log_step(self.finish_step(queued))
                 self.step += 1
-                self.metrics.log_step(record)
-                if budget is not None:
-                    budget.record(record["dt_ms"] / 1000)
-                    if budget.refit_due(self.step) and self.cooldown_step is None:
-                        self._refit(budget)
-                if due(t.log_every, self.step) or self.step == 1:
-                    self.metrics.print(format_record(record))
+                queued = taken
+                if self.defer_reads and not self._host_work_due():
+                    continue
+                self._log_step(self.finish_step(queued))
+                queued = None
                 last = self.step == self.schedule.max_steps
                 if self.validator.due(self.step, last):
                     last_eval = self.evaluate()
@@ -240,6 +331,8 @@ class Trainer:
                 if (self.checkpointer.due(self.step, last) or keep_best) and self.bad_steps == 0:
                     # (not while updates are being skipped: the last checkpoint stays the last good one)
                     self.save_checkpoint(last_eval.get("val_loss") if last_eval.get("step") == self.step else None)
+            if queued is not None:  # (stopped by Ctrl-C)
+                self._log_step(self.finish_step(queued))
             if self._stop_requested:
                 self.metrics.print(f"interrupted: saving a checkpoint at step {self.step}")
                 self.save_checkpoint(None)
@@ -256,6 +349,10 @@ class Trainer:
 
     def train_step(self) -> dict:
         """One optimizer update (not counted in self.step: fit does that); returns the step's record."""
+        return self.finish_step(self.queue_step())
+
+    def queue_step(self) -> QueuedStep:
+        """One optimizer update, queued on the device (with defer_reads, nothing is read back yet)."""
         t, runtime = self.config.training, self.runtime
         started = time.perf_counter()
         self.model.train()
@@ -274,34 +371,54 @@ class Trainer:
         if runtime.distributed:
             all_reduce(loss_sum)
             loss_sum /= runtime.world_size
-        for optimizer in self.optimizers:
-            self.scaler.unscale_(optimizer)
-        grad_norm = clip_gradients(list(self.raw_model.parameters()), t.grad_clip)
-        train_loss = loss_sum.item()
-        # (fp16: the scaler skips updates with non-finite gradients and lowers its scale by itself)
-        if not math.isfinite(train_loss) or (not self.scaler.is_enabled() and not math.isfinite(grad_norm)):
-            self._skip_step(train_loss, grad_norm)
+        parameters = list(self.raw_model.parameters())
+        figures = update(self.optimizers, self.scaler, parameters, loss_sum, t.grad_clip, read=not self.defer_reads)
+        self._zero_grad()
+        return QueuedStep(self.step + 1, lr, started, figures)
+
+    def finish_step(self, queued: QueuedStep) -> dict:
+        """Read a queued step's figures (waiting for the device to finish it) and count a skipped update; returns
+        the step's record. Its time runs from its start, or from the previous step's reading if that came later
+        (deferred reads: the steps overlap, and each is timed from the reading before it)."""
+        train_loss, grad_norm = queued.figures.values()
+        finished = time.perf_counter()
+        dt = finished - max(queued.started, self._last_finished)
+        self._last_finished = finished
+        if is_bad_step(train_loss, grad_norm, self.scaler):
+            self._skip_step(queued.step, train_loss, grad_norm)
         else:
             self.bad_steps = 0
-            for optimizer in self.optimizers:
-                self.scaler.step(optimizer)
-            self.scaler.update()
-        self._zero_grad()
-        if runtime.device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - started
         record = {
-            "step": self.step + 1,
+            "step": queued.step,
             "train_loss": train_loss,
-            "lr": lr,
+            "lr": queued.lr,
             "grad_norm": grad_norm,
-            "tokens": (self.step + 1) * self.tokens_per_step,
+            "tokens": queued.step * self.tokens_per_step,
             "dt_ms": dt * 1000,
             "tokens_per_sec": self.tokens_per_step / dt,
         }
         if self.flops_per_peak is not None:
             record["mfu"] = record["tokens_per_sec"] * self.flops_per_peak
         return record
+
+    def _log_step(self, record: dict) -> None:
+        step = record["step"]
+        self.metrics.log_step(record)
+        if self.budget is not None:
+            self.budget.record(record["dt_ms"] / 1000)
+            if self.budget.refit_due(step) and self.cooldown_step is None:
+                self._refit(self.budget)
+        if due(self.config.training.log_every, step) or step == 1:
+            self.metrics.print(format_record(record))
+
+    def _host_work_due(self) -> bool:
+        """Whether this step (just taken) is followed by work that needs its figures or its weights before the next
+        step: an evaluation, samples, a checkpoint, the time budget's refit, the last step."""
+        t, step = self.config.training, self.step
+        last = step == self.schedule.max_steps
+        if last or (self.budget is not None and self.budget.refit_due(step)):
+            return True
+        return self.validator.due(step, last) or due(t.sample_every, step, last) or self.checkpointer.due(step, last)
 
     def _forward(self, x: torch.Tensor, y: torch.Tensor):
         try:
@@ -334,15 +451,15 @@ class Trainer:
             return contextlib.nullcontext()
         return contextlib.nullcontext() if sync else self.model.no_sync()
 
-    def _skip_step(self, train_loss: float, grad_norm: float) -> None:
+    def _skip_step(self, step: int, train_loss: float, grad_norm: float) -> None:
         self.bad_steps += 1
         log.warning(
-            f"step {self.step + 1}: loss {train_loss}, grad norm {grad_norm} is not finite; skipping this update "
+            f"step {step}: loss {train_loss}, grad norm {grad_norm} is not finite; skipping this update "
             f"({self.bad_steps}/{MAX_BAD_STEPS} in a row)"
         )
         if self.bad_steps >= MAX_BAD_STEPS:
             raise TrainingError(
-                f"{MAX_BAD_STEPS} non-finite losses in a row at step {self.step + 1}: the run diverged. "
+                f"{MAX_BAD_STEPS} non-finite losses in a row at step {step}: the run diverged. "
                 f"The last checkpoint in {self.checkpointer.root} is intact; resume from it with a lower --max-lr"
             )
 
@@ -399,7 +516,7 @@ class Trainer:
 
     def _should_stop(self) -> bool:
         """Ctrl-C on any rank stops every rank at the same step (else the others would wait in a collective)."""
-        if self.runtime.distributed:
+        if self.runtime.distributed and (not self.defer_reads or self.step % STOP_CHECK_EVERY == 0):
             flag = torch.tensor([float(self._stop_requested)], device=self.runtime.device)
             self._stop_requested = bool(all_reduce(flag, "max").item())
         return self._stop_requested
