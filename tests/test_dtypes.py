@@ -22,15 +22,26 @@ from dtype_quality import teacher_forced  # noqa: E402  (the benchmark's measure
 BARS = {"bf16": (0.99, 0.005), "int8": (0.98, 0.02), "int8-dynamic": (0.98, 0.02)}
 
 
+def train_mini(hamlet_data, out, *options: str):
+    args = ["--preset", "mini", "--max-steps", "300", "--tokens-per-step", "0", "--batch-size", "8"]
+    args += ["--eval-every", "0", "--sample-every", "0", "--precision", "fp32", "--data-dir", str(hamlet_data)]
+    result = run_cli("train", *args, *options, "--out", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out
+
+
 @pytest.fixture(scope="module")
 def trained(hamlet_data, tmp_path_factory):
     """The `mini` shape trained for 300 steps on Hamlet (val loss ~4.5 nats from 6.2 at the start)."""
-    out = tmp_path_factory.mktemp("trained")
-    args = ["--preset", "mini", "--max-steps", "300", "--tokens-per-step", "0", "--batch-size", "8"]
-    args += ["--eval-every", "0", "--sample-every", "0", "--precision", "fp32", "--data-dir", str(hamlet_data)]
-    result = run_cli("train", *args, "--out", str(out))
-    assert result.returncode == 0, result.stderr[-2000:]
-    return out
+    return train_mini(hamlet_data, tmp_path_factory.mktemp("trained"))
+
+
+@pytest.fixture(scope="module")
+def trained_block(hamlet_data, tmp_path_factory):
+    """`mini` with one block, trained the same way (val loss 3.65 on the split): what the compiled-decoding tests
+    compile. Inductor's compile time grows with the blocks (4 blocks took 176 s for the int8 test, 1 block 67 s),
+    and what they test is the same for one block as for four."""
+    return train_mini(hamlet_data, tmp_path_factory.mktemp("trained_block"), "--n-layers", "1")
 
 
 @pytest.mark.slow
@@ -134,7 +145,7 @@ def test_eval_reports_its_dtype(trained, hamlet_data):
     assert results["int8-dynamic"]["loss"] == pytest.approx(results["fp32"]["loss"], rel=0.02)
 
 
-# (the compiled servers compile four passes each: about 3 minutes apiece on 2 cores, hence `slow`)
+# (the compiled servers compile four passes each: about 2 minutes apiece on 2 cores, hence `slow`)
 SERVERS = [
     pytest.param("int8", False, id="eager"),
     pytest.param("int8", True, id="compile", marks=pytest.mark.slow),
@@ -143,17 +154,17 @@ SERVERS = [
 
 
 @pytest.mark.parametrize(("dtype", "compiled"), SERVERS)
-def test_serve_with_int8_weights(trained, dtype, compiled):
+def test_serve_with_int8_weights(trained_block, dtype, compiled):
     import urllib.request
 
     from gpt2scratch.testing import ServerProcess
 
-    loaded = loading.load(str(trained), dtype=dtype)
+    loaded = loading.load(str(trained_block), dtype=dtype)
     expected = loaded.tokenizer.decode(
         generate_ids(loaded.model, [loaded.tokenizer.encode("To be")], 8, temperature=0)[0]
     )
     options = ("--dtype", dtype, "--compile") if compiled else ("--dtype", dtype)
-    with ServerProcess(trained, *options, start_timeout=600) as server:
+    with ServerProcess(trained_block, *options, start_timeout=600) as server:
         body = json.dumps({"prompt": "To be", "max_tokens": 8, "temperature": 0, "n": 2}).encode()
         request = urllib.request.Request(server.url + "/v1/completions", body, {"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=120) as response:
@@ -179,12 +190,12 @@ def step_logits(model, step, sequence: list[int], prompt_length: int) -> torch.T
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["bf16", "int8", "int8-dynamic"])
-def test_compiled_decoding_follows_eager(trained, dtype):
+def test_compiled_decoding_follows_eager(trained_block, dtype):
     """--compile (inductor's C++ GEMM templates on frozen weights) computes the eager model's logits, step by step
     along one sequence, and decodes its greedy tokens; int8 and int8-dynamic also for a second model of the same
     shapes and in batches of prompts."""
-    eager = loading.load(str(trained), dtype=dtype)
-    compiled = compile_decoding(loading.load(str(trained), dtype=dtype).model)
+    eager = loading.load(str(trained_block), dtype=dtype)
+    compiled = compile_decoding(loading.load(str(trained_block), dtype=dtype).model)
     prompt = eager.tokenizer.encode("To be, or not to be, that is the question")
     new = generate_ids(eager.model, [prompt], 24, temperature=0)[0]
     expected = step_logits(eager.model, eager.model, prompt + new, len(prompt))
@@ -199,7 +210,7 @@ def test_compiled_decoding_follows_eager(trained, dtype):
         return
     # A second model of the same shapes, other weights, compiled in the same process: its own weights are used
     # (inductor freezes weights into compiled graphs, which its graph cache would otherwise hand to the second).
-    other = loading.load(str(trained), dtype="fp32").model
+    other = loading.load(str(trained_block), dtype="fp32").model
     with torch.no_grad():
         for parameter in other.parameters():
             parameter.mul_(0.9)
@@ -215,10 +226,10 @@ def test_compiled_decoding_follows_eager(trained, dtype):
     assert generate_ids(compiled, prompts[:1] * 2, 12, temperature=0) == [new[:12]] * 2
 
 
-def test_compile_failure_decodes_eagerly(trained, capsys):
+def test_compile_failure_decodes_eagerly(trained_block, capsys):
     """Where inductor cannot compile (here: no C++ compiler), --compile says so once and decodes as without it."""
-    eager = loading.load(str(trained), dtype="int8")
-    model = compile_decoding(loading.load(str(trained), dtype="int8").model)
+    eager = loading.load(str(trained_block), dtype="int8")
+    model = compile_decoding(loading.load(str(trained_block), dtype="int8").model)
     broken = {"cpp.cxx": ("/nonexistent/c++",), "force_disable_caches": True}  # (a cached build would not fail)
     model.compiled_decoding.inductor = {**model.compiled_decoding.inductor, **broken}
     prompt = [eager.tokenizer.encode("To be")]

@@ -347,7 +347,7 @@ def test_warmed_up_decoding_compiles_nothing_more():
     from gpt2scratch.generation import compile_decoding, decoding_step, warm_up_decoding
 
     torch.manual_seed(0)
-    model = decoding_layout(GPT(tiny_config(context_length=64, n_heads=2)).eval())  # the `tiny` preset's 2 heads
+    model = decoding_layout(GPT(tiny_config(context_length=64, n_heads=2, n_layers=1)).eval())  # `tiny`'s 2 heads
     compiled = decoding_step(compile_decoding(model))
     warm_up_decoding(model)
     with torch.inference_mode(), torch.compiler.set_stance("fail_on_recompile"):
