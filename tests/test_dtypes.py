@@ -32,7 +32,7 @@ def train_mini(hamlet_data, out, *options: str):
 
 @pytest.fixture(scope="module")
 def trained(hamlet_data, tmp_path_factory):
-    """The `mini` shape trained for 300 steps on Hamlet (val loss ~4.5 nats from 6.2 at the start)."""
+    """The `mini` shape trained for 300 steps on Hamlet (val loss 3.69 on the split, from 6.2 at the start)."""
     return train_mini(hamlet_data, tmp_path_factory.mktemp("trained"))
 
 
