@@ -516,9 +516,12 @@ class Trainer:
 
     def _should_stop(self) -> bool:
         """Ctrl-C on any rank stops every rank at the same step (else the others would wait in a collective)."""
-        if self.runtime.distributed and (not self.defer_reads or self.step % STOP_CHECK_EVERY == 0):
-            flag = torch.tensor([float(self._stop_requested)], device=self.runtime.device)
-            self._stop_requested = bool(all_reduce(flag, "max").item())
+        if not self.runtime.distributed:
+            return self._stop_requested
+        if self.defer_reads and self.step % STOP_CHECK_EVERY:
+            return False  # (a rank's own Ctrl-C waits for the next check, where every rank learns of it)
+        flag = torch.tensor([float(self._stop_requested)], device=self.runtime.device)
+        self._stop_requested = bool(all_reduce(flag, "max").item())
         return self._stop_requested
 
     def _request_stop(self, signum, frame) -> None:
