@@ -41,13 +41,20 @@ def main() -> None:
     torch.manual_seed(0)
     model = GPT(config, pad_vocab=64)
     variant = Variant(
-        "ours", precision, args.drop_rate, model, device, args.compile == "on", args.batch_size, args.attention
+        "ours",
+        precision,
+        args.drop_rate,
+        model,
+        device,
+        "default" if args.compile == "on" else None,
+        args.batch_size,
+        args.attention,
     )
     for _ in range(args.warmup):
-        variant.step()
+        variant.steps(1)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        seconds = [variant.step() for _ in range(args.steps)]
+        seconds = [variant.steps(1) for _ in range(args.steps)]
     print(
         f"{args.preset} batch {args.batch_size} x {config.context_length}, {precision}, dropout {args.drop_rate}, "
         f"compile {args.compile}, attention {args.attention}, {device}: "
