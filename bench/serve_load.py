@@ -25,6 +25,7 @@ import json
 import os
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -188,11 +189,31 @@ def report(name: str, r: Result, tok_s: float | None = None) -> float:
     return tok_s
 
 
-def random_model(preset: str, folder: Path) -> str:
-    from gpt2scratch.config import resolve_config
-    from gpt2scratch.testing import write_random_model
+def random_model(preset: str, folder: Path, src: str | None = None) -> str:
+    """A random model of `preset`'s shape, written by this checkout or, with `src`, by the gpt2scratch in that
+    folder: an older checkout may not read the state.json of a newer one (keys it does not know), while this one
+    reads older folders."""
+    code = (
+        "import sys; from gpt2scratch.config import resolve_config; from gpt2scratch.testing import write_random_model;"
+        " write_random_model(sys.argv[2], resolve_config(sys.argv[1]).model)"
+    )
+    subprocess.run([sys.executable, "-c", code, preset, str(folder)], check=True, env=_env_with(src))
+    return str(folder)
 
-    return str(write_random_model(folder, resolve_config(preset).model))
+
+def _env_with(src: str | None) -> dict[str, str]:
+    """The environment, with `src` (another checkout's src/ folder) first on PYTHONPATH when given."""
+    if src is None:
+        return dict(os.environ)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+
+
+def _knows_dtype(src: str) -> bool:
+    """Whether the checkout's `serve` takes --dtype (its `auto` would pick bf16 on a CPU that has it)."""
+    usage = subprocess.run(
+        [sys.executable, "-m", "gpt2scratch", "serve", "--help"], capture_output=True, text=True, env=_env_with(src)
+    )
+    return "--dtype" in usage.stdout
 
 
 def start_server(model_dir: str, max_batch_size: int, max_queue: int, variant: str = "fp32", src: str | None = None):
@@ -201,9 +222,9 @@ def start_server(model_dir: str, max_batch_size: int, max_queue: int, variant: s
     from gpt2scratch.testing import ServerProcess
 
     options = ["--max-batch-size", str(max_batch_size), "--max-queue", str(max_queue)]
-    if src is not None:  # (no --dtype: checkouts older than it serve fp32)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-        return ServerProcess(model_dir, *options, "--model-name", "bench", "--device", "cpu", env=env)
+    if src is not None:  # fp32 (checkouts older than --dtype serve fp32; later ones are told to)
+        options += ["--dtype", "fp32"] if _knows_dtype(src) else []
+        return ServerProcess(model_dir, *options, "--model-name", "bench", "--device", "cpu", env=_env_with(src))
 
     dtype, _, compiled = variant.partition("+")
     options += ["--dtype", dtype] + (["--compile"] if compiled else [])
@@ -289,8 +310,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--baseline-src",
-        help="also the fp32 server of another checkout (its src/ folder, e.g. a git worktree of an earlier commit), "
-        "with ratios of ours to it",
+        help="also the fp32 server of another checkout (its src/ folder, e.g. a git worktree of an earlier commit; "
+        "given --dtype fp32 where it knows the flag), with ratios of ours to it; the random model is then written "
+        "by that checkout, which may not read a newer one's folder",
     )
     args = parser.parse_args()
     header = (
@@ -306,7 +328,7 @@ def main() -> None:
         sys.exit(1 if result.failed else 0)
 
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = args.model or random_model(args.preset, Path(tmp) / "model")
+        model_dir = args.model or random_model(args.preset, Path(tmp) / "model", args.baseline_src)
         print(
             f"{model_dir}: {args.clients} clients x {args.requests} requests (half streamed), max_tokens "
             f"{lengths(args)}, sampling top-k 50; CPU, {os.cpu_count()} cores; {args.rounds} interleaved rounds, "
