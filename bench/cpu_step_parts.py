@@ -150,19 +150,15 @@ def step_parts(model: GPT, B: int, T: int) -> tuple[dict[str, tuple[Callable[[],
     def whole_block():
         backward(block(residual))
 
-    def products():
-        for m in linears:
-            x = torch.randn(B * T, m.in_features, dtype=BF16)
-            w = m.weight.detach().to(BF16)
-            g = torch.randn(B * T, m.out_features, dtype=BF16)
-            bias = None if m.bias is None else m.bias.detach().to(BF16)
-            yield lambda x=x, w=w, g=g, bias=bias: (
-                cpu_matmul.mm(x, w.t(), bias),
-                cpu_matmul.mm(g, w),
-                cpu_matmul.mm(g.t(), x),
-            )
-
-    block_products = list(products())
+    block_operands = [  # each Linear's x, W, output gradient g and b, in bf16
+        (
+            torch.randn(B * T, m.in_features, dtype=BF16),
+            m.weight.detach().to(BF16),
+            torch.randn(B * T, m.out_features, dtype=BF16),
+            None if m.bias is None else m.bias.detach().to(BF16),
+        )
+        for m in linears
+    ]
 
     def attention():
         q, k, v = attention_input.split(C, dim=2)
@@ -183,7 +179,7 @@ def step_parts(model: GPT, B: int, T: int) -> tuple[dict[str, tuple[Callable[[],
 
     parts = {
         "blocks": (whole_block, L),
-        "block products": (lambda: [run() for run in block_products], L),
+        "block products": (lambda: [three_products(*operands) for operands in block_operands], L),
         "attention": (attention, L),
         "GELU": (lambda: backward(block.mlp.act(hidden)), L),
         "LayerNorms": (lambda: backward(block.ln_1(residual)), 2 * L),
@@ -192,14 +188,7 @@ def step_parts(model: GPT, B: int, T: int) -> tuple[dict[str, tuple[Callable[[],
             lambda: backward(linear_cross_entropy(head_input, model.lm_head.weight, targets, config.vocab_size)),
             1,
         ),
-        "LM head products": (
-            lambda: (
-                cpu_matmul.mm(head_x, head_w.t()),
-                cpu_matmul.mm(head_g, head_w),
-                cpu_matmul.mm(head_g.t(), head_x),
-            ),
-            1,
-        ),
+        "LM head products": (lambda: three_products(head_x, head_w, head_g), 1),
         "AdamW update": (optimizer.step, 1),
         "gradient norm": (lambda: torch.nn.utils.get_total_norm([p.grad for p in updated.parameters()]), 1),
     }

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import ipaddress
 import json
 import os
@@ -208,6 +209,7 @@ def _env_with(src: str | None) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
 
 
+@functools.cache
 def _knows_dtype(src: str) -> bool:
     """Whether the checkout's `serve` takes --dtype (its `auto` would pick bf16 on a CPU that has it)."""
     usage = subprocess.run(
