@@ -425,6 +425,27 @@ def test_auto_preset_is_gpu_on_cuda(monkeypatch):
     assert run._preset("auto", TrainOptions(), {}) == "cpu"
 
 
+@pytest.mark.parametrize("emulated", [True, False])
+def test_bf16_asked_for_on_a_cpu_that_emulates_it_is_warned_about(emulated, monkeypatch, caplog, capsys):
+    """Training with --precision bf16, or decoding with --dtype bf16, on an x86 CPU without bf16 instructions
+    (several times slower than fp32 there) says so and names the faster choice; on other CPUs nothing is said."""
+    from gpt2scratch import cli, runtime
+
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: not emulated)
+    monkeypatch.setattr(runtime.platform, "machine", lambda: "x86_64")
+    assert runtime.cpu_bf16_is_emulated() == emulated
+    with caplog.at_level("WARNING", logger="gpt2scratch.runtime"):
+        setup_runtime(TrainingConfig(device="cpu", precision="bf16"))
+    warned = [r.getMessage() for r in caplog.records if "emulated" in r.getMessage()]
+    assert len(warned) == int(emulated)
+    assert all("bf16 on this CPU" in w and "5x slower" in w and "--precision auto" in w for w in warned)
+    assert cli._dtype("bf16", torch.device("cpu")) == "bf16"  # still what was asked for
+    printed = capsys.readouterr().err
+    assert ("emulated" in printed and "--dtype fp32 or int8" in printed) == emulated
+    monkeypatch.setattr(runtime.platform, "machine", lambda: "arm64")  # no x86 flags to read: nothing assumed
+    assert not runtime.cpu_bf16_is_emulated()
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # On a GPU only.
 
