@@ -92,6 +92,34 @@ def test_int8_linear_pads_rows_and_returns_the_layers_shape():
     torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("emulated", [True, False])
+def test_int8_linear_widens_a_prompts_product_where_bf16_is_emulated(emulated, monkeypatch):
+    """On a CPU without bf16 instructions, WIDENED_ROWS rows or more (a prompt) multiply by the int8 weight
+    widened to fp32: the rounded input times the rounded weight to fp32 accuracy, where the kernel's output is
+    rounded to bf16. Fewer rows, a CPU with bf16, or a compiled graph keep the kernel, bit for bit."""
+    from gpt2scratch import quantization
+
+    monkeypatch.setattr(quantization, "_bf16_emulated", lambda: emulated)
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 200)
+    int8 = Int8Linear(linear)
+    rounded = int8.weight.double() * int8.scales[:, None].double()  # (256, 96): padded rows are zero
+    for rows in (quantization.WIDENED_ROWS - 1, quantization.WIDENED_ROWS, 300):
+        x = torch.randn(rows, 96)
+        kernel = torch.ops.aten._weight_int8pack_mm(x.bfloat16(), int8.weight, int8.scales)
+        got = int8.product(x)
+        exact = x.bfloat16().double() @ rounded.t()
+        if emulated and rows >= quantization.WIDENED_ROWS:
+            assert got.dtype == torch.float32
+            torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5)
+            assert not torch.allclose(kernel.double(), exact, rtol=1e-5, atol=1e-5)  # the kernel's is rounder
+        else:
+            assert torch.equal(got, kernel)
+        torch.testing.assert_close(int8(x), linear(x), rtol=0.05, atol=0.05)  # and near the unrounded layer
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # inductor picks its own kernels
+    assert torch.equal(int8.product(x), torch.ops.aten._weight_int8pack_mm(x.bfloat16(), int8.weight, int8.scales))
+
+
 def test_int8_dynamic_linear_is_the_product_of_the_rounded_input_and_weight():
     """Each input row rounded to 256 levels between its own minimum and maximum (zero included), times the int8
     weight: the integer product is exact, so the result is that of the rounded values in float64, and a row's
