@@ -52,6 +52,73 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     assert muon.param_groups[0]["lr_scale"] == pytest.approx(20.0)
 
 
+def muon_reference(params, grads_per_step, lr, weight_decay, momentum=0.95):
+    """Muon as torch.optim.Muon defines it (Nesterov momentum, the quintic Newton-Schulz iteration of the
+    wide-way-round matrix scaled to norm 1, lr x 0.2 sqrt(max(A, B)), decoupled weight decay), in float64."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    params = [p.double().clone() for p in params]
+    bufs = [torch.zeros_like(p) for p in params]
+    for grads in grads_per_step:
+        for param, buf, grad in zip(params, bufs, grads, strict=True):
+            grad = grad.double()
+            buf.lerp_(grad, 1 - momentum)
+            x = grad.lerp(buf, momentum)
+            x = x.T if x.size(0) > x.size(1) else x
+            x = x / x.norm().clamp(min=1e-7)
+            for _ in range(5):
+                gram = x @ x.T
+                x = a * x + (b * gram + c * gram @ gram) @ x
+            x = x.T if param.size(0) > param.size(1) else x
+            param.mul_(1 - lr * weight_decay).add_(x, alpha=-lr * 0.2 * math.sqrt(max(param.shape)))
+    return params
+
+
+@pytest.mark.parametrize("fp32", [False, True])
+def test_muon_is_pytorchs_or_its_fp32_twin(fp32):
+    """fp32=False: torch.optim.Muon's steps bit for bit; fp32=True (CPUs that emulate bf16): the same algorithm
+    with the Newton-Schulz iteration in fp32, equal to a float64 Muon to fp32 rounding, where PyTorch's bf16
+    iteration is only within ~1% of it."""
+    from gpt2scratch.trainer import Muon
+
+    torch.manual_seed(0)
+    shapes = [(48, 16), (16, 64), (32, 32)]
+    start = [torch.randn(s) for s in shapes]
+    grads_per_step = [[torch.randn(s) for s in shapes] for _ in range(3)]
+    results = {}
+    for name, make in (("torch", torch.optim.Muon), ("ours", lambda ps, **kw: Muon(ps, fp32=fp32, **kw))):
+        params = [torch.nn.Parameter(p.clone()) for p in start]
+        optimizer = make(params, lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+        for grads in grads_per_step:
+            for param, grad in zip(params, grads, strict=True):
+                param.grad = grad.clone()
+            optimizer.step()
+        results[name] = [p.detach() for p in params]
+        assert set(optimizer.state_dict()["state"][0]) == {"momentum_buffer"}  # checkpoints alike
+    reference = muon_reference(start, grads_per_step, lr=0.02, weight_decay=0.1)
+    for torchs, ours, exact, first in zip(results["torch"], results["ours"], reference, start, strict=True):
+        moved = (exact - first.double()).norm()
+        if fp32:
+            assert (ours.double() - exact).norm() < 1e-6 * exact.norm()  # the fp32 parameters' own rounding
+            assert (torchs.double() - exact).norm() > 1e-3 * moved  # bf16's iteration: visibly rounder
+        else:
+            assert torch.equal(ours, torchs)
+        assert (torchs.double() - exact).norm() < 0.05 * moved
+
+
+def test_muon_iterates_in_fp32_where_the_cpu_emulates_bf16(monkeypatch):
+    from gpt2scratch import trainer
+
+    model = GPT(GPTConfig(vocab_size=100, context_length=16, emb_dim=32, n_heads=2, n_layers=1))
+    training = TrainingConfig(optimizer="muon")
+    for emulated in (True, False):
+        monkeypatch.setattr(trainer, "cpu_bf16_is_emulated", lambda emulated=emulated: emulated)
+        muon, _ = configure_optimizers(model, training, torch.device("cpu"))
+        assert muon.fp32 == emulated
+    monkeypatch.setattr(trainer, "cpu_bf16_is_emulated", lambda: True)
+    muon, _ = configure_optimizers(model, training, torch.device("meta"))  # not a CPU: PyTorch's own iteration
+    assert not muon.fp32
+
+
 def test_muon_learns_and_resumes_bit_for_bit(hamlet_data, tmp_path):
     """N steps == N/2 + resume + N/2 with Muon + WSD and dropout: both optimizers' states are checkpointed."""
     config = make_config(hamlet_data, save_every=10, keep_last=5)
@@ -77,7 +144,8 @@ def test_muon_torchrun_two_processes_equal_one(hamlet_data, tmp_path):
     args += ["--tokens-per-step", "512", "--warmup-steps", "2", "--data-dir", str(hamlet_data), "--precision", "fp32"]
     a, b = train_one_and_two(args, tmp_path)
     assert a.keys() == b.keys() == set(range(1, 9))
-    # PyTorch's Muon orthogonalises in bf16: the all-reduce's other summation order shows at ~2e-5 (AdamW: 1e-5)
+    # Muon orthogonalises in bf16 (in fp32 on CPUs that emulate bf16): the all-reduce's other summation order shows
+    # at ~2e-5 (AdamW: 1e-5)
     assert all(math.isclose(a[s], b[s], abs_tol=1e-4) for s in a), (a, b)
     fsdp = torchrun("train", *args, "--fsdp", "--out", str(tmp_path / "fsdp"))
     assert fsdp.returncode != 0 and "--optimizer muon needs each weight matrix whole" in fsdp.stderr
