@@ -491,3 +491,23 @@ def test_a_full_disk_during_a_save_says_so_once(data_dir, tmp_path, monkeypatch,
         trainer.fit()
     assert "step_000004" in str(error.value) and "--resume" in str(error.value)
     assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["step_000002"]  # the partial save is removed
+
+
+def test_overwrite_deletes_the_checkpoints_and_nothing_else(data_dir, tmp_path):
+    """--overwrite (what `make run` passes) starts over: the earlier run's checkpoints, a save's leftover .tmp-
+    folder and the run's logs go; other files in ckpt/ (the repository's ckpt/README.md) stay."""
+    args = ["train", *TRAIN_ARGS, "--max-steps", "4", "--warmup-steps", "1", "--save-every", "2", "--eval-every", "0"]
+    args += ["--data-dir", str(data_dir), "--out", str(tmp_path)]
+    assert run_cli(*args).returncode == 0
+    ckpt = tmp_path / "ckpt"
+    assert [p.name for p in checkpoint.list_checkpoints(ckpt)] == ["step_000002", "step_000004"]
+    (ckpt / "README.md").write_text("kept\n")
+    (ckpt / "notes").mkdir()
+    (ckpt / ".tmp-step_000006").mkdir()  # a save killed half-way
+    (ckpt / "step_000004" / "extra.txt").write_text("goes with its checkpoint")
+    again = run_cli(*args[:-1], str(tmp_path), "--max-steps", "2", "--overwrite")
+    assert again.returncode == 0, again.stderr
+    assert [p.name for p in checkpoint.list_checkpoints(ckpt)] == ["step_000002"]  # the new run's only
+    assert sorted(p.name for p in ckpt.iterdir()) == ["README.md", "notes", "step_000002"]
+    assert (ckpt / "README.md").read_text() == "kept\n"
+    assert max(metrics(tmp_path)) == 2  # the log restarted

@@ -133,6 +133,18 @@ def list_checkpoints(ckpt_root: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_STEP_DIR.fullmatch(p.name).group(1)))
 
 
+def remove_checkpoints(ckpt_root: str | Path) -> None:
+    """Delete the checkpoints under ckpt_root (complete ones and a save's leftover .tmp- folder), and nothing else
+    (the repository's ckpt/README.md, a user's own files)."""
+    ckpt_root = Path(ckpt_root)
+    if not ckpt_root.is_dir():
+        return
+    for path in ckpt_root.iterdir():
+        name = path.name.removeprefix(".tmp-")
+        if path.is_dir() and not path.is_symlink() and _STEP_DIR.fullmatch(name):
+            shutil.rmtree(path)
+
+
 def latest(ckpt_root: str | Path) -> Path | None:
     found = list_checkpoints(ckpt_root)
     return found[-1] if found else None

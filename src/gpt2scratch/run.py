@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,7 +89,7 @@ def train(
     logging.getLogger().setLevel(logging.INFO if runtime.is_main else logging.WARNING)
     try:
         if runtime.is_main and options.overwrite and not options.resume:
-            shutil.rmtree(ckpt_root, ignore_errors=True)
+            checkpoint.remove_checkpoints(ckpt_root)
             for name in RUN_FILES:
                 (run_dir / name).unlink(missing_ok=True)
         config = _resolve_data(config, runtime)
