@@ -34,6 +34,7 @@ from gpt2scratch.runtime import Runtime, barrier
 
 CKPT_DIR = "ckpt"
 _STEP_DIR = re.compile(r"step_(\d{6,})")
+_TMP = ".tmp-"  # the prefix of a checkpoint folder being written
 
 
 class CheckpointError(ValueError):
@@ -67,7 +68,7 @@ def save(
     ckpt_root = Path(ckpt_root)
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = step_dir(ckpt_root, step)
-    tmp = ckpt_root / f".tmp-{final.name}"
+    tmp = ckpt_root / f"{_TMP}{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         write_model_folder(tmp, model_state, {**state, "step": step}, tokenizer_dir)
@@ -140,7 +141,7 @@ def remove_checkpoints(ckpt_root: str | Path) -> None:
     if not ckpt_root.is_dir():
         return
     for path in ckpt_root.iterdir():
-        name = path.name.removeprefix(".tmp-")
+        name = path.name.removeprefix(_TMP)
         if path.is_dir() and not path.is_symlink() and _STEP_DIR.fullmatch(name):
             shutil.rmtree(path)
 

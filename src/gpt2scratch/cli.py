@@ -303,15 +303,13 @@ def cmd_import(args: argparse.Namespace) -> int:
 def _dtype(requested: str, device) -> str:
     """The decoding dtype `auto` resolves to, said on stderr (stdout is the command's output), and a warning where
     bf16 is asked for on a CPU that emulates it."""
-    import torch
-
     from gpt2scratch.quantization import pick_dtype
     from gpt2scratch.runtime import EMULATED_BF16, cpu_bf16_is_emulated
 
     dtype, reason = pick_dtype(requested, device)
     if requested == "auto":
         print(f"dtype: {dtype} ({reason}; --dtype fp32|bf16|int8|int8-dynamic to choose)", file=sys.stderr)
-    elif dtype == "bf16" and torch.device(device).type == "cpu" and cpu_bf16_is_emulated():
+    elif dtype == "bf16" and device.type == "cpu" and cpu_bf16_is_emulated():
         faster = "--dtype fp32 or int8 is faster"
         print(f"warning: {EMULATED_BF16} on a prompt (a batch's steps ~3x); {faster}", file=sys.stderr)
     return dtype
