@@ -147,6 +147,38 @@ def test_int8_dynamic_linear_is_the_product_of_the_rounded_input_and_weight():
     torch.testing.assert_close(got, linear(x.float()), rtol=0.05, atol=0.05)  # and near the unrounded product
 
 
+@pytest.mark.parametrize("emulated", [True, False])
+def test_int8_dynamic_multiplies_in_fp32_where_int8_products_are_emulated(emulated, monkeypatch):
+    """On a CPU without VNNI / AMX int8 instructions the integer product is taken in fp32, in pieces of
+    EXACT_INPUTS inputs, each exact: the same integers as _int_mm's, so the same result bit for bit, also where
+    inputs and weights share their signs and a sum over all 3,072 inputs passes 2^24 (one fp32 product is off)."""
+    from gpt2scratch import quantization
+
+    monkeypatch.setattr(quantization, "_int8_emulated", lambda: emulated)
+    calls = []
+    int_mm = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b: calls.append(a.shape) or int_mm(a, b))
+    torch.manual_seed(0)
+    gpt2_like = torch.nn.Linear(3072, 96)
+    torch.nn.init.normal_(gpt2_like.weight, std=0.02)
+    signs = torch.randint(0, 2, (3072,)) * 2 - 1
+    aligned = torch.nn.Linear(3072, 96)
+    with torch.no_grad():
+        aligned.weight.copy_(signs * (0.8 + 0.2 * torch.rand(96, 3072)))
+    for linear, x in ((gpt2_like, torch.randn(40, 3072) * 3), (aligned, signs * (0.8 + 0.2 * torch.rand(40, 3072)))):
+        layer = Int8DynamicLinear(linear)
+        assert layer.widened == emulated
+        calls.clear()
+        got = layer(x)
+        assert bool(calls) != emulated
+        monkeypatch.setattr(layer, "widened", False)
+        assert torch.equal(got, layer(x))  # _int_mm's result
+    big = signs * (100 + torch.randint(0, 28, (40, 3072)))  # as the aligned layer's quantized inputs are
+    weight = layer.weight[:96].int()
+    exact = big.long() @ weight.long().t()
+    assert exact.max() > 2**24 and not torch.equal(torch.mm(big.float(), weight.float().t()).long(), exact)
+
+
 def test_auto_says_what_it_chose(trained):
     dtype, reason = pick_dtype("auto", torch.device("cpu"))
     assert dtype in ("bf16", "fp32") and reason

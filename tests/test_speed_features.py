@@ -438,12 +438,29 @@ def test_bf16_asked_for_on_a_cpu_that_emulates_it_is_warned_about(emulated, monk
         setup_runtime(TrainingConfig(device="cpu", precision="bf16"))
     warned = [r.getMessage() for r in caplog.records if "emulated" in r.getMessage()]
     assert len(warned) == int(emulated)
-    assert all("bf16 on this CPU" in w and "5x slower" in w and "--precision auto" in w for w in warned)
+    assert all("bf16 on this CPU" in w and "5x slower than fp32" in w and "--precision auto" in w for w in warned)
     assert cli._dtype("bf16", torch.device("cpu")) == "bf16"  # still what was asked for
     printed = capsys.readouterr().err
     assert ("emulated" in printed and "--dtype fp32 or int8" in printed) == emulated
     monkeypatch.setattr(runtime.platform, "machine", lambda: "arm64")  # no x86 flags to read: nothing assumed
     assert not runtime.cpu_bf16_is_emulated()
+
+
+@pytest.mark.parametrize("vnni", [True, False])
+def test_int8_dynamic_is_named_and_warned_about_by_the_cpus_int8_instructions(vnni, monkeypatch, capsys):
+    """Without VNNI or AMX int8 instructions (an AVX2-only CPU) int8-dynamic is no faster than fp32: `auto`'s hint
+    names it only where they are, and asking for it where they are not says so."""
+    from gpt2scratch import cli, quantization, runtime
+
+    flags = "flags : fpu sse2 avx2 fma" + (" avx512f avx512_vnni" if vnni else "")
+    monkeypatch.setattr(runtime, "_cpuinfo", lambda: flags)
+    monkeypatch.setattr(runtime.platform, "machine", lambda: "x86_64")
+    assert runtime.cpu_int8_is_emulated() != vnni and runtime.cpu_bf16_is_emulated()
+    dtype, reason = quantization.pick_dtype("auto", torch.device("cpu"))
+    assert dtype == "fp32" and "--dtype int8 " in reason and ("int8-dynamic" in reason) == vnni
+    assert cli._dtype("int8-dynamic", torch.device("cpu")) == "int8-dynamic"  # still what was asked for
+    printed = capsys.readouterr().err
+    assert ("no int8 dot-product instructions" in printed and "--dtype int8 " in printed) != vnni
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -304,7 +304,7 @@ def _dtype(requested: str, device) -> str:
     """The decoding dtype `auto` resolves to, said on stderr (stdout is the command's output), and a warning where
     bf16 is asked for on a CPU that emulates it."""
     from gpt2scratch.quantization import pick_dtype
-    from gpt2scratch.runtime import EMULATED_BF16, cpu_bf16_is_emulated
+    from gpt2scratch.runtime import EMULATED_BF16, cpu_bf16_is_emulated, cpu_int8_is_emulated
 
     dtype, reason = pick_dtype(requested, device)
     if requested == "auto":
@@ -312,6 +312,13 @@ def _dtype(requested: str, device) -> str:
     elif dtype == "bf16" and device.type == "cpu" and cpu_bf16_is_emulated():
         faster = "--dtype fp32 or int8 is faster"
         print(f"warning: {EMULATED_BF16} on a prompt (a batch's steps ~3x); {faster}", file=sys.stderr)
+    elif dtype == "int8-dynamic" and device.type == "cpu" and cpu_int8_is_emulated():
+        print(
+            "warning: this CPU has no int8 dot-product instructions (VNNI or AMX): int8-dynamic's integer products "
+            "run in fp32 here, slower than --dtype fp32, which rounds nothing; --dtype int8 decodes one prompt "
+            "faster",
+            file=sys.stderr,
+        )
     return dtype
 
 

@@ -32,7 +32,7 @@ from torch import nn
 
 from gpt2scratch.models.linear import Linear
 from gpt2scratch.options import DTYPES  # noqa: F401  (one list for the flags and this module)
-from gpt2scratch.runtime import cpu_bf16_is_emulated, cpu_has_native_bf16
+from gpt2scratch.runtime import cpu_bf16_is_emulated, cpu_has_native_bf16, cpu_int8_is_emulated
 
 
 def pick_dtype(requested: str, device: torch.device) -> tuple[str, str]:
@@ -47,9 +47,10 @@ def pick_dtype(requested: str, device: torch.device) -> tuple[str, str]:
         if cpu_has_native_bf16():
             return "bf16", "the CPU has native bfloat16 instructions (avx512_bf16/amx)"
         # generate_speed.py, 124M batch 1, a Xeon without bf16: int8 1.5x fp32, compiled 3.4x
+        batches = "" if cpu_int8_is_emulated() else ", and --dtype int8-dynamic batches (a server)"
         return "fp32", (
-            "no native bfloat16 on this CPU; --dtype int8 decodes one prompt at a time faster here, and --dtype "
-            "int8-dynamic batches (a server), with --compile; 1-2% of top-1 choices changed"
+            f"no native bfloat16 on this CPU; --dtype int8 decodes one prompt at a time faster here{batches}, "
+            "with --compile; 1-2% of top-1 choices changed"
         )
     return "fp32", f"{device.type} without native bfloat16"
 
@@ -66,6 +67,16 @@ WIDENED_ROWS = 64
 @functools.cache
 def _bf16_emulated() -> bool:
     return cpu_bf16_is_emulated()
+
+
+# |q w| <= 128 * 127, so no partial sum of a product over 1,024 int8 inputs passes 2^24: in fp32 it is exact, in any
+# order of summation. (Over GPT-2's 3,072, sums of inputs and weights of one sign did pass it.)
+EXACT_INPUTS = 1024
+
+
+@functools.cache
+def _int8_emulated() -> bool:
+    return cpu_int8_is_emulated()
 
 
 class Int8Linear(nn.Module):
@@ -109,13 +120,17 @@ class Int8DynamicLinear(Int8Linear):
     is scaled back to the caller's dtype. A row's result does not depend on the other rows of its batch.
 
     On a CPU without native bfloat16, where Int8Linear widens its inputs to fp32 and a batched step is bound by
-    fp32 arithmetic, integer products run about 2-3x faster than fp32 (16-32 rows of GPT-2 124M's matrices)."""
+    fp32 arithmetic, integer products run about 2-3x faster than fp32 (16-32 rows of GPT-2 124M's matrices).
+    Without VNNI or AMX (an AVX2-only CPU) they are not: there the same integers are multiplied in fp32."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__(linear)
         self.scales = self.scales.float()
         # x = s (q + 128 - z) with q = round(x / s) + z - 128 in int8, so x W^T = s (q W^T + (128 - z) sum_k W)
         self.register_buffer("row_sums", self.weight.sum(dim=1, dtype=torch.int32))
+        # On a CPU without int8 dot-product instructions, where _int_mm is ~14x slower than fp32, the integer
+        # product is taken in fp32 instead (see product)
+        self.widened = _int8_emulated()
 
     def product(self, x2: torch.Tensor) -> torch.Tensor:
         x2 = x2.float()
@@ -124,7 +139,13 @@ class Int8DynamicLinear(Int8Linear):
         scale = ((high - low) / 255).clamp(min=torch.finfo(torch.float32).tiny)
         zero = torch.round(-low / scale)  # in [0, 255]
         q = (torch.round(x2 / scale) + (zero - 128)).clamp(-128, 127).to(torch.int8)
-        if x2.device.type == "cpu":
+        if self.widened:  # the same integers as _int_mm's: each product over EXACT_INPUTS inputs is exact in fp32
+            w = self.weight.float()
+            acc = sum(
+                torch.mm(a.float(), b.t()).int()
+                for a, b in zip(q.split(EXACT_INPUTS, 1), w.split(EXACT_INPUTS, 1), strict=True)
+            )
+        elif x2.device.type == "cpu":
             acc = torch._int_mm(q, self.weight.t())
         else:  # (CUDA's _int_mm wants more than 16 rows; fp32 sums of these integer products are close to exact)
             acc = F.linear(q.float(), self.weight.float())

@@ -181,28 +181,48 @@ def pick_precision(requested: str, device: torch.device) -> tuple[str, str]:
     return "fp32", f"{device.type}: full precision (bf16 would be emulated)"
 
 
-def cpu_has_native_bf16() -> bool:
+def _cpuinfo() -> str:
     try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: stay with fp32
-        return False
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: nothing to read, nothing assumed
+        return ""
+
+
+def cpu_has_native_bf16() -> bool:
+    flags = _cpuinfo()
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
-# What emulated bf16 costs, measured on a 2-core Xeon with AVX-512 but no bf16 instructions (2026-12-06, torch
-# 2.13): the 2048^3 matmul at 60 GFLOP/s in bf16 against 311 in fp32; a GPT-2 124M training step (batch 1 x 1024,
-# `bench/train_speed.py --precision bf16` / `fp32`) 15.5 s against 3.7 s; a 1024-row product 5x slower.
+def cpu_has_int8_dot_product() -> bool:
+    """VNNI or AMX int8 instructions, which torch._int_mm's int8 x int8 products run on."""
+    flags = _cpuinfo()
+    return any(f" {flag}" in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+# What emulated bf16 costs (torch 2.13, 2 cores). A Xeon with AVX-512 but no bf16 instructions (2026-12-06): the
+# 2048^3 matmul at 60 GFLOP/s in bf16 against 311 in fp32; a GPT-2 124M training step (batch 1 x 1024,
+# `bench/train_speed.py --precision bf16` / `fp32`) 15.5 s against 3.7 s; a 1024-row product 5x slower. An AMD
+# EPYC with AVX2 only (2026-12-07): 768 x 3072 products 4.4x slower than fp32 at 64 rows, and 2048^3 (the layout
+# of a backward's products) at 0.3 GFLOP/s against 89: 300x.
 EMULATED_BF16 = (
-    "bf16 on this CPU is emulated (no avx512_bf16 or amx_bf16 instructions): its matmuls run about 5x slower than "
-    "fp32's here"
+    "bf16 on this CPU is emulated (no avx512_bf16 or amx_bf16 instructions): its matmuls run 5x slower than "
+    "fp32's here, or far more on CPUs without AVX-512"
 )
 
 
 def cpu_bf16_is_emulated() -> bool:
     """An x86 CPU without bf16 instructions (where cpu_has_native_bf16 can tell: Linux)."""
-    if platform.machine().lower() not in ("x86_64", "amd64") or not Path("/proc/cpuinfo").is_file():
-        return False
-    return not cpu_has_native_bf16()
+    return _x86_linux() and not cpu_has_native_bf16()
+
+
+def cpu_int8_is_emulated() -> bool:
+    """An x86 CPU without int8 dot-product instructions (VNNI, AMX), where torch._int_mm has no fast kernel: on an
+    AVX2-only AMD EPYC (2026-12-07) 17 x 768 by 768 x 3072 took 20.8 ms against fp32's 1.5."""
+    return _x86_linux() and not cpu_has_int8_dot_product()
+
+
+def _x86_linux() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64") and Path("/proc/cpuinfo").is_file()
 
 
 # glibc's mallopt parameters (malloc.h)
