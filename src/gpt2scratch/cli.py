@@ -315,8 +315,7 @@ def _dtype(requested: str, device) -> str:
     elif dtype == "int8-dynamic" and device.type == "cpu" and cpu_int8_is_emulated():
         print(
             "warning: this CPU has no int8 dot-product instructions (VNNI or AMX): int8-dynamic's integer products "
-            "run in fp32 here, slower than --dtype fp32, which rounds nothing; --dtype int8 decodes one prompt "
-            "faster",
+            "run in fp32 here, slower than --dtype fp32, which rounds nothing; --dtype int8 is faster",
             file=sys.stderr,
         )
     return dtype
