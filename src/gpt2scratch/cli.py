@@ -302,7 +302,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 def _dtype(requested: str, device) -> str:
     """The decoding dtype `auto` resolves to, said on stderr (stdout is the command's output), and a warning where
-    bf16 is asked for on a CPU that emulates it."""
+    bf16 or int8-dynamic is asked for on a CPU that emulates its products."""
     from gpt2scratch.quantization import pick_dtype
     from gpt2scratch.runtime import EMULATED_BF16, cpu_bf16_is_emulated, cpu_int8_is_emulated
 

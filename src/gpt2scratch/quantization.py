@@ -131,7 +131,7 @@ class Int8DynamicLinear(Int8Linear):
         # x = s (q + 128 - z) with q = round(x / s) + z - 128 in int8, so x W^T = s (q W^T + (128 - z) sum_k W)
         self.register_buffer("row_sums", self.weight.sum(dim=1, dtype=torch.int32))
         # On a CPU without int8 dot-product instructions, where _int_mm is ~14x slower than fp32, the integer
-        # product is taken in fp32 instead (see product)
+        # product is taken in fp32 instead (see product; the layer on a CPU)
         self.widened = _int8_emulated()
 
     def product(self, x2: torch.Tensor) -> torch.Tensor:
@@ -141,16 +141,16 @@ class Int8DynamicLinear(Int8Linear):
         scale = ((high - low) / 255).clamp(min=torch.finfo(torch.float32).tiny)
         zero = torch.round(-low / scale)  # in [0, 255]
         q = (torch.round(x2 / scale) + (zero - 128)).clamp(-128, 127).to(torch.int8)
-        if self.widened:  # the same integers as _int_mm's: each product over EXACT_INPUTS inputs is exact in fp32
+        if x2.device.type != "cpu":  # (CUDA's _int_mm wants more than 16 rows; fp32 sums of these are close to exact)
+            acc = F.linear(q.float(), self.weight.float())
+        elif self.widened:  # the same integers as _int_mm's: each product over EXACT_INPUTS inputs is exact in fp32
             w = self.weight.float()
             acc = sum(
                 torch.mm(a.float(), b.t()).int()
                 for a, b in zip(q.split(EXACT_INPUTS, 1), w.split(EXACT_INPUTS, 1), strict=True)
             )
-        elif x2.device.type == "cpu":
+        else:
             acc = torch._int_mm(q, self.weight.t())
-        else:  # (CUDA's _int_mm wants more than 16 rows; fp32 sums of these integer products are close to exact)
-            acc = F.linear(q.float(), self.weight.float())
         return (acc + (128 - zero).int() * self.row_sums).float() * (scale * self.scales)
 
 

@@ -202,8 +202,8 @@ def cpu_has_int8_dot_product() -> bool:
 # What emulated bf16 costs (torch 2.13, 2 cores). A Xeon with AVX-512 but no bf16 instructions (2026-12-06): the
 # 2048^3 matmul at 60 GFLOP/s in bf16 against 311 in fp32; a GPT-2 124M training step (batch 1 x 1024,
 # `bench/train_speed.py --precision bf16` / `fp32`) 15.5 s against 3.7 s; a 1024-row product 5x slower. An AMD
-# EPYC with AVX2 only (2026-12-07): 768 x 3072 products 4.4x slower than fp32 at 64 rows, and 2048^3 (the layout
-# of a backward's products) at 0.3 GFLOP/s against 89: 300x.
+# EPYC with AVX2 only (2026-12-07): 768 x 3072 products 4.4x slower than fp32 at 64 rows, and 2048^3 (both
+# operands row-major) at 0.3 GFLOP/s against fp32's 89 in the same process: 300x.
 EMULATED_BF16 = (
     "bf16 on this CPU is emulated (no avx512_bf16 or amx_bf16 instructions): its matmuls run 5x slower than "
     "fp32's here, or far more on CPUs without AVX-512"
