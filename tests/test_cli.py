@@ -21,6 +21,8 @@ def test_info_json_gpt2_and_seed_default():
     seed = json.loads(run("info", "--json").stdout)
     assert seed["n_params"] == 163_009_536
     assert seed["config"]["model"]["weight_tying"] is False
+    # gpt2's matmuls less its qkv biases: the untied head is one LM head product too, counted once (it was twice)
+    assert seed["flops_per_token"] == 6 * (85_056_000 - 12 * 3 * 768 + 50257 * 768) + 12 * 12 * 768 * 1024
 
 
 def test_generate_num_samples_decodes_them_together_and_seeds_each(tmp_path):

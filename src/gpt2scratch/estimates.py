@@ -29,7 +29,9 @@ def n_params_non_embedding(config: GPTConfig) -> int:
 
 def flops_per_token(config: GPTConfig) -> int:
     """Training (forward + backward) FLOPs per token at full context."""
-    matmul_params = n_params_non_embedding(config) + config.vocab_size * config.emb_dim
+    # the LM head is a matmul once, tied or not: an untied head is already among the non-embedding parameters
+    head = config.vocab_size * config.emb_dim if config.weight_tying else 0
+    matmul_params = n_params_non_embedding(config) + head
     attention = 12 * config.n_layers * config.emb_dim * config.context_length
     return 6 * matmul_params + attention
 
