@@ -120,6 +120,37 @@ def test_int8_linear_widens_a_prompts_product_where_bf16_is_emulated(emulated, m
     assert torch.equal(int8.product(x), torch.ops.aten._weight_int8pack_mm(x.bfloat16(), int8.weight, int8.scales))
 
 
+@pytest.mark.parametrize("packs", [True, False])
+def test_bf16_linear_takes_the_product_measured_fastest_with_f_linears_values(packs, monkeypatch):
+    """Where BF16Linear packs its weight for oneDNN (a CPU with avx512_bf16, no AMX), every row count gets
+    F.linear's bf16 product bit for bit, from the packed copy; elsewhere one row goes through torch.mv (to bf16
+    rounding of F.linear) and more rows through F.linear. Failure in the first case means the packed product
+    computes something else than F.linear; in the second, that the mv path is wrong."""
+    from gpt2scratch import quantization
+    from gpt2scratch.quantization import BF16Linear
+    from gpt2scratch.runtime import cpu_has_native_bf16
+
+    monkeypatch.setattr(quantization, "_packs_bf16", lambda: packs)
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 200)
+    layer = BF16Linear.from_linear(linear)
+    weight = linear.weight.bfloat16()
+    with torch.inference_mode():
+        for shape in [(1, 1, 96), (5, 1, 96), (1, 7, 96), (3, 96)]:
+            x = torch.randn(shape)
+            expected = torch.nn.functional.linear(x.bfloat16(), weight)
+            got = layer.product(x.bfloat16())
+            if packs or x.numel() > 96:
+                assert torch.equal(got, expected), shape
+            else:
+                torch.testing.assert_close(got, expected, rtol=1e-2, atol=1e-2)
+            torch.testing.assert_close(layer(x), linear(x), rtol=3e-2, atol=3e-2)
+            assert layer(x).dtype == torch.float32
+    if packs and cpu_has_native_bf16():
+        assert layer._packed[1] is not None, "the product did not take the packed weight"
+    assert not hasattr(layer, "_packed") or packs
+
+
 def test_int8_dynamic_linear_is_the_product_of_the_rounded_input_and_weight():
     """Each input row rounded to 256 levels between its own minimum and maximum (zero included), times the int8
     weight: the integer product is exact, so the result is that of the rounded values in float64, and a row's

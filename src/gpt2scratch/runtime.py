@@ -193,6 +193,10 @@ def cpu_has_native_bf16() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
+def cpu_has_amx_bf16() -> bool:
+    return " amx_bf16" in _cpuinfo()
+
+
 def cpu_has_int8_dot_product() -> bool:
     """VNNI or AMX int8 instructions, which torch._int_mm's int8 x int8 products run on."""
     flags = _cpuinfo()

@@ -72,8 +72,6 @@ class DecodingLinear(nn.Linear):
     Everything else (one row, prompts, training) takes F.linear, bit for bit as before. The copy costs the
     weight's bytes once more; it is made at the first such step and again whenever the weight changes."""
 
-    PACKED_ROWS = 16  # the row count oneDNN packs for (any count works; the server's default batch)
-
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> DecodingLinear:
         """The same Parameter objects (so tying, state_dict and optimizers see no difference)."""
@@ -83,22 +81,27 @@ class DecodingLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _batched_step(x, self.weight):
-            packed = self._packed_weight()
+            packed = packed_weight(self)
             if packed is not None:
                 return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
-    def _packed_weight(self) -> torch.Tensor | None:
-        """The oneDNN copy of the weight, (re)packed if the weight changed since; None where oneDNN cannot."""
-        key = (self.weight.data_ptr(), self.weight._version)
-        cached = getattr(self, "_packed", None)
-        if cached is None or cached[0] != key:
-            try:
-                packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), self.PACKED_ROWS)
-            except (RuntimeError, AttributeError):  # a build without oneDNN's fp32 linear: MKL's product
-                packed = None
-            self._packed = cached = (key, packed)
-        return cached[1]
+
+PACKED_ROWS = 16  # the row count oneDNN packs a weight for (any count works; the server's default batch)
+
+
+def packed_weight(module: nn.Module) -> torch.Tensor | None:
+    """The oneDNN copy of module.weight for torch.ops.mkldnn._linear_pointwise, kept on the module and packed
+    again if the weight changed since; None where oneDNN cannot (a build without oneDNN's linear for its dtype)."""
+    key = (module.weight.data_ptr(), module.weight._version)
+    cached = getattr(module, "_packed", None)
+    if cached is None or cached[0] != key:
+        try:
+            packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), PACKED_ROWS)
+        except (RuntimeError, AttributeError):
+            packed = None
+        module._packed = cached = (key, packed)
+    return cached[1]
 
 
 def _batched_step(x: torch.Tensor, weight: torch.Tensor) -> bool:
