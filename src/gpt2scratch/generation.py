@@ -29,6 +29,7 @@ from torch.fx.experimental import _config as fx_config
 from gpt2scratch.config import Sampling
 from gpt2scratch.models.gpt import GPT
 from gpt2scratch.models.linear import DecodingLinear, Linear
+from gpt2scratch.quantization import _packs_bf16
 
 TINY_TEMPERATURE = torch.finfo(torch.float32).tiny  # below this, sampling is greedy (see is_greedy)
 
@@ -89,10 +90,16 @@ class CompiledDecoding:
         self.compiled = torch.compile(own, dynamic=True)
         on_cpu = model.lm_head.weight.device.type == "cpu"
         self.inductor = CPU_DECODING_INDUCTOR if on_cpu else {}
-        if on_cpu and getattr(model, "decode_dtype", None) == "int8-dynamic":
+        dtype = getattr(model, "decode_dtype", None)
+        if on_cpu and dtype == "int8-dynamic":
             # the C++ GEMM template has no int8 x int8 product (torch._int_mm), and without it there are no
             # choices to tune: ATen's product, and the quantization around it fused into C++ kernels
             self.inductor = {**self.inductor, "max_autotune": False}
+        # bf16 on a CPU with avx512_bf16 but no AMX: there the C++ GEMM template's bf16 micro-kernel is slower than
+        # oneDNN's product with the weight packed at freezing (what inductor takes without max_autotune) for several
+        # rows, faster for one. GPT-2 124M on a 2-core AMD EPYC, tok/s: batch 8 155 tuned, 310-390 not; batch 1 91
+        # tuned, 65 not. So there the graphs whose products take several rows (prompts, batches) are not tuned.
+        self.rows_untuned = on_cpu and dtype == "bf16" and _packs_bf16()
         self.failed = False
         self.warm: set[tuple] = set()  # the one-token steps that have run with their guards checked
 
@@ -106,7 +113,10 @@ class CompiledDecoding:
 
             step = self.one_token_step(idx, caches, pad_lengths, last_only)
             try:
-                with torch._inductor.config.patch(self.inductor), fx_config.patch(NO_DUCK_SHAPES):
+                inductor = self.inductor
+                if self.rows_untuned and idx.numel() > 1:
+                    inductor = {**inductor, "max_autotune": False}
+                with torch._inductor.config.patch(inductor), fx_config.patch(NO_DUCK_SHAPES):
                     return self._run(idx, caches, pad_lengths, last_only, step)
             except TorchDynamoException as error:
                 self.failed = True
