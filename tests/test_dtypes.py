@@ -284,8 +284,8 @@ def step_logits(model, step, sequence: list[int], prompt_length: int) -> torch.T
 def test_compiled_decoding_follows_eager(trained_block, dtype):
     """--compile (inductor's C++ GEMM templates on frozen weights) computes the eager model's logits, step by step
     along one sequence, and decodes its greedy tokens, alone and in batches of prompts (graphs of their own, which
-    bf16 on a CPU with avx512_bf16 but no AMX compiles otherwise); int8 and int8-dynamic also for a second model
-    of the same shapes."""
+    bf16 and int8 on a CPU with avx512_bf16 but no AMX compile untuned); int8 and int8-dynamic also for a second
+    model of the same shapes."""
     eager = loading.load(str(trained_block), dtype=dtype)
     compiled = compile_decoding(loading.load(str(trained_block), dtype=dtype).model)
     prompt = eager.tokenizer.encode("To be, or not to be, that is the question")

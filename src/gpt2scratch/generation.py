@@ -29,7 +29,7 @@ from torch.fx.experimental import _config as fx_config
 from gpt2scratch.config import Sampling
 from gpt2scratch.models.gpt import GPT
 from gpt2scratch.models.linear import DecodingLinear, Linear
-from gpt2scratch.quantization import _packs_bf16
+from gpt2scratch.runtime import cpu_has_amx_bf16, cpu_has_native_bf16
 
 TINY_TEMPERATURE = torch.finfo(torch.float32).tiny  # below this, sampling is greedy (see is_greedy)
 
@@ -95,11 +95,12 @@ class CompiledDecoding:
             # the C++ GEMM template has no int8 x int8 product (torch._int_mm), and without it there are no
             # choices to tune: ATen's product, and the quantization around it fused into C++ kernels
             self.inductor = {**self.inductor, "max_autotune": False}
-        # bf16 on a CPU with avx512_bf16 but no AMX: there the C++ GEMM template's bf16 micro-kernel is slower than
-        # oneDNN's product with the weight packed at freezing (what inductor takes without max_autotune) for several
-        # rows, faster for one. GPT-2 124M on a 2-core AMD EPYC, tok/s: batch 8 155 tuned, 310-390 not; batch 1 91
-        # tuned, 65 not. So there the graphs whose products take several rows (prompts, batches) are not tuned.
-        self.rows_untuned = on_cpu and dtype == "bf16" and _packs_bf16()
+        # On a CPU with avx512_bf16 but no AMX the C++ GEMM template's micro-kernels are slower than what inductor
+        # takes without max_autotune for several rows (bf16: oneDNN's product on the weight packed at freezing;
+        # int8: ATen's weight-only kernel), faster for one. GPT-2 124M on a 2-core AMD EPYC, tok/s: bf16 batch 8
+        # 155 tuned, 310-390 not, batch 1 91 tuned, 65 not; int8 batch 8 206 tuned, 242 not. So there the graphs
+        # whose products take several rows (prompts, batches) are not tuned.
+        self.rows_untuned = on_cpu and dtype in ("bf16", "int8") and cpu_has_native_bf16() and not cpu_has_amx_bf16()
         self.failed = False
         self.warm: set[tuple] = set()  # the one-token steps that have run with their guards checked
 
