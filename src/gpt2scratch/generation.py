@@ -98,8 +98,9 @@ class CompiledDecoding:
         # On a CPU with avx512_bf16 but no AMX the C++ GEMM template's micro-kernels are slower than what inductor
         # takes without max_autotune for several rows (bf16: oneDNN's product on the weight packed at freezing;
         # int8: ATen's weight-only kernel), faster for one. GPT-2 124M on a 2-core AMD EPYC, tok/s: bf16 batch 8
-        # 155 tuned, 310-390 not, batch 1 91 tuned, 65 not; int8 batch 8 206 tuned, 242 not. So there the graphs
-        # whose products take several rows (prompts, batches) are not tuned.
+        # 155 tuned, 310-390 not, batch 4 171 / 216, batch 2 148 / 119 (batches of 2 and more share a graph),
+        # batch 1 91 / 65; int8 batch 8 206 / 242. So there the graphs whose products take several rows (prompts,
+        # batches) are not tuned.
         self.rows_untuned = on_cpu and dtype in ("bf16", "int8") and cpu_has_native_bf16() and not cpu_has_amx_bf16()
         self.failed = False
         self.warm: set[tuple] = set()  # the one-token steps that have run with their guards checked
