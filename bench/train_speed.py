@@ -22,7 +22,8 @@ against the trainer's way.
 MFU counts 6 x parameters + attention FLOPs per token (estimates.flops_per_token) against the GPU's dense bf16
 peak; on a CPU, against the matmul rate this script measures for the precision used: in each round, before that
 round's steps, the fastest of a 2048^3 product and the step's own products (every linear layer's forward, input
-gradient and weight gradient shapes at this batch), each the best of a few runs; the median over the rounds. The
+gradient and weight gradient shapes at this batch), each the best of a few runs (of one, where a run takes
+seconds: emulated bf16); the median over the rounds. The
 2048^3 product alone ran below the step's own shapes on an AMD EPYC in fp32 (146-189 against 150-183 GFLOP/s), so
 MFU read over 100% there.
 """
@@ -137,7 +138,8 @@ def main() -> None:
         ceilings[precision] = statistics.median(measured)
         print(
             f"measured {precision} matmul rate (the fastest of 2048^3 and the step's {len(ceiling_shapes) - 1} "
-            f"product shapes, {torch.get_num_threads()} threads, each the best of 3 per round): "
+            f"product shapes, {torch.get_num_threads()} threads, each the best of 3 runs per round, or of fewer where "
+            f"they took {REPEAT_BUDGET_S:g} s): "
             f"median {ceilings[precision] / 1e9:,.0f} GFLOP/s over the rounds "
             f"(range {min(measured) / 1e9:,.0f}-{max(measured) / 1e9:,.0f})"
         )
@@ -280,20 +282,29 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# Seconds of runs of one product after which measure_matmul_flops stops repeating it. Emulated bf16 (an AVX2-only
+# AMD EPYC, 2026-12-07) took 57 s for one 2048^3 product, so the first run plus three timed ones took ~4 minutes
+# a round; a run that long is the product's time, not its set-up (oneDNN's kernels, the caches).
+REPEAT_BUDGET_S = 2.0
+
+
 def measure_matmul_flops(
     device: torch.device, precision: str, shape: tuple[int, int, int] = (2048, 2048, 2048), repeats: int = 3
 ) -> float:
-    """The rate of an (m, k) @ (k, n) matmul in `precision` on this device (best of `repeats`)."""
+    """The rate of an (m, k) @ (k, n) matmul in `precision` on this device: the best of `repeats` runs after an
+    untimed first one, or fewer where the runs so far took REPEAT_BUDGET_S (the first run's time counts if it is
+    the only one)."""
     m, k, n = shape
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
+    seconds: list[float] = []
+    while len(seconds) <= repeats and sum(seconds) < REPEAT_BUDGET_S:
+        synchronize(device)
         started = time.perf_counter()
         a @ b
-        best = min(best, time.perf_counter() - started)
-    return 2 * m * k * n / best
+        synchronize(device)
+        seconds.append(time.perf_counter() - started)
+    return 2 * m * k * n / min(seconds[1:] or seconds)
 
 
 def matmul_ceiling(device: torch.device, precision: str, shapes: list[tuple[int, int, int]]) -> float:
