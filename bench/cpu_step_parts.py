@@ -108,7 +108,7 @@ def main() -> None:
     kernels = products + ms["attention"]
     print(
         f"\nmatrix products alone: {products:.0f} ms, {product_flops / products / 1e6:,.0f} GFLOP/s; "
-        f"the bf16 matmul rate (the fastest of 2048^3 and the step's product shapes, median over the rounds): "
+        f"bf16 matmul rate (the fastest of 2048^3 and the step's products in their layouts, median of the rounds): "
         f"{rate / 1e9:,.0f} GFLOP/s"
     )
     floor = f"\n  the products and the attention kernel alone take {kernels:.0f} ms"

@@ -22,8 +22,8 @@ against the trainer's way.
 MFU counts 6 x parameters + attention FLOPs per token (estimates.flops_per_token) against the GPU's dense bf16
 peak; on a CPU, against the matmul rate this script measures for the precision used: in each round, before that
 round's steps, the fastest of a 2048^3 product and the step's own products (every linear layer's forward, input
-gradient and weight gradient shapes at this batch), each the best of a few runs (of one, where a run takes
-seconds: emulated bf16); the median over the rounds. The
+gradient and weight gradient shapes at this batch, in the operands' layouts as the step has them), each the best
+of a few runs (of one, where a run takes seconds: emulated bf16); the median over the rounds. The
 2048^3 product alone ran below the step's own shapes on an AMD EPYC in fp32 (146-189 against 150-183 GFLOP/s), so
 MFU read over 100% there.
 """
@@ -138,7 +138,7 @@ def main() -> None:
         ceilings[precision] = statistics.median(measured)
         print(
             f"measured {precision} matmul rate (the fastest of 2048^3 and the step's {len(ceiling_shapes) - 1} "
-            f"product shapes, {torch.get_num_threads()} threads, each the best of 3 runs per round, or of fewer where "
+            f"products, {torch.get_num_threads()} threads, each the best of 3 runs per round, or of fewer where "
             f"they took {REPEAT_BUDGET_S:g} s): "
             f"median {ceilings[precision] / 1e9:,.0f} GFLOP/s over the rounds "
             f"(range {min(measured) / 1e9:,.0f}-{max(measured) / 1e9:,.0f})"
@@ -289,14 +289,21 @@ REPEAT_BUDGET_S = 2.0
 
 
 def measure_matmul_flops(
-    device: torch.device, precision: str, shape: tuple[int, int, int] = (2048, 2048, 2048), repeats: int = 3
+    device: torch.device, precision: str, shape: tuple[int, int, int, str] = (2048, 2048, 2048, "nn"), repeats: int = 3
 ) -> float:
-    """The rate of an (m, k) @ (k, n) matmul in `precision` on this device: the best of `repeats` runs after an
-    untimed first one, or fewer where the runs so far took REPEAT_BUDGET_S (the first run's time counts if it is
-    the only one)."""
-    m, k, n = shape
+    """The rate of an (m, k) @ (k, n) matmul in `precision` on this device, each operand row-major ("n") or a
+    transposed view of a row-major matrix ("t") as shape's layout says: the best of `repeats` runs after
+    an untimed first one, or fewer where the runs so far took REPEAT_BUDGET_S (the first run's time counts if it
+    is the only one)."""
+    m, k, n, (a_layout, b_layout) = shape
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
+
+    def operand(rows: int, cols: int, kind: str) -> torch.Tensor:
+        if kind == "t":
+            return torch.randn(cols, rows, device=device, dtype=dtype).t()
+        return torch.randn(rows, cols, device=device, dtype=dtype)
+
+    a, b = operand(m, k, a_layout), operand(k, n, b_layout)
     seconds: list[float] = []
     while len(seconds) <= repeats and sum(seconds) < REPEAT_BUDGET_S:
         synchronize(device)
@@ -307,20 +314,23 @@ def measure_matmul_flops(
     return 2 * m * k * n / min(seconds[1:] or seconds)
 
 
-def matmul_ceiling(device: torch.device, precision: str, shapes: list[tuple[int, int, int]]) -> float:
+def matmul_ceiling(device: torch.device, precision: str, shapes: list[tuple[int, int, int, str]]) -> float:
     """A CPU's matmul ceiling for a step: the rate of the fastest of these products."""
     return max(measure_matmul_flops(device, precision, shape) for shape in shapes)
 
 
-def ceiling_product_shapes(config, batch_size: int, pad_vocab: int = 64) -> list[tuple[int, int, int]]:
-    """(m, k, n): a 2048^3 product, then each distinct matrix product in a training step of `config`: every
-    linear layer's forward (rows x in) @ (in x out), its input gradient (rows x out) @ (out x in) and its weight
-    gradient (out x rows) @ (rows x in), the LM head's vocabulary padded as training pads it."""
+def ceiling_product_shapes(config, batch_size: int, pad_vocab: int = 64) -> list[tuple[int, int, int, str]]:
+    """(m, k, n, layout): a 2048^3 product of row-major matrices, then each distinct matrix product in a training
+    step of `config`, in the layout nn.Linear's forward and backward give it: every linear layer's forward
+    (rows x in) @ (out x in)^T ("nt"), its input gradient (rows x out) @ (out x in) ("nn") and its weight gradient
+    (rows x out)^T @ (rows x in) ("tn"), the LM head's vocabulary padded as training pads it. (Layouts matter where
+    bf16 is emulated: on an AVX2-only AMD EPYC, 512^3 ran at 1.3 GFLOP/s with both operands row-major, 18-23 with
+    one transposed.)"""
     rows, width = batch_size * config.context_length, config.emb_dim
     vocab = math.ceil(config.vocab_size / pad_vocab) * pad_vocab
     layers = {(width, 3 * width), (width, width), (width, 4 * width), (4 * width, width), (width, vocab)}
-    step = {shape for k, n in layers for shape in ((rows, k, n), (rows, n, k), (n, rows, k))}
-    return [(2048, 2048, 2048), *sorted(step)]
+    step = {product for k, n in layers for product in ((rows, k, n, "nt"), (rows, n, k, "nn"), (n, rows, k, "tn"))}
+    return [(2048, 2048, 2048, "nn"), *sorted(step)]
 
 
 def _cpu_name() -> str:

@@ -47,12 +47,14 @@ def test_train_speed_reports_every_variant_below_the_measured_ceiling(tmp_path):
 
 def test_ceiling_shapes_are_the_steps_products():
     shapes = ceiling_product_shapes(resolve_config("gpt2").model, batch_size=2)
-    assert shapes[0] == (2048, 2048, 2048)
+    assert shapes[0] == (2048, 2048, 2048, "nn")
     rows = 2 * 1024
-    # the LM head's forward, input gradient and weight gradient, the vocabulary padded to 50,304
-    assert {(rows, 768, 50304), (rows, 50304, 768), (50304, rows, 768)} <= set(shapes)
-    assert (rows, 3072, 768) in shapes and (3072, rows, 768) in shapes and (rows, 768, 2304) in shapes
-    assert len(shapes) == 1 + 12 and len(set(shapes)) == len(shapes)
+    # the LM head's forward, input gradient and weight gradient, the vocabulary padded to 50,304, in the layouts
+    # F.linear's forward and backward give them
+    assert {(rows, 768, 50304, "nt"), (rows, 50304, 768, "nn"), (50304, rows, 768, "tn")} <= set(shapes)
+    assert (rows, 3072, 768, "nt") in shapes and (rows, 3072, 768, "nn") in shapes and (3072, rows, 768, "tn") in shapes
+    assert (rows, 768, 768, "nt") in shapes and (rows, 768, 768, "nn") in shapes
+    assert len(shapes) == 1 + 15 and len(set(shapes)) == len(shapes)
 
 
 def test_cpu_step_parts_accounts_for_the_step(tmp_path):
