@@ -564,8 +564,9 @@ def cuda_trained_model(hamlet_data, tmp_path_factory):
 @pytest.mark.cuda
 def test_cuda_generate_serve_and_eval_commands(cuda_trained_model, tmp_path):
     hf = cuda_trained_model / "hf"
-    generated = run_cli("generate", str(hf), "--prompt", "To be", "--max-new-tokens", "20", "--device", "cuda")
+    generated = run_cli("generate", str(hf), "--prompt", "To be", "--max-new-tokens", "20")  # on the GPU by default
     assert generated.returncode == 0 and generated.stdout.startswith("To be"), generated.stderr[-2000:]
+    assert "device: cuda:0 (CUDA is available" in generated.stderr
     # (its tokens' agreement with the model's own steps: test_cuda_graph_decoding_follows_the_model)
     flags = ["--prompt", "To be", "--max-new-tokens", "20", "--device", "cuda", "--cuda-graphs", "--num-samples", "2"]
     graphed = run_cli("generate", str(hf), *flags)

@@ -220,9 +220,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from gpt2scratch.runtime import keep_freed_memory, pick_device
 
     opts = options(args, GenerateOptions)
-    device, _ = pick_device(opts.device)
+    device, why = pick_device(opts.device)
+    if device.type != "cpu" and opts.device == "auto":
+        print(f"device: {device} ({why}; --device cpu for the CPU)", file=sys.stderr)
     if opts.cuda_graphs and device.type != "cuda":
-        raise ValueError(f"--cuda-graphs needs a CUDA GPU, and the device is {device}: add --device cuda, or drop it")
+        fix = "drop it" if opts.device == "auto" else "add --device cuda, or drop it"
+        raise ValueError(f"--cuda-graphs needs a CUDA GPU, and the device is {device}: {fix}")
     keep_freed_memory()  # each step's logits and activations reuse the last step's memory
     loaded = loading.load(opts.model, device, _dtype(opts.dtype, device))
     decoding_layout(loaded.model)

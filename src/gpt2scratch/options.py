@@ -138,14 +138,16 @@ class GenerateOptions:
     )
     seed: int | None = field(**option("seed for reproducible sampling"))
     num_samples: int = field(**option("how many continuations", 1))
-    device: str = field(**option("cpu, cuda, mps or auto", "cpu"))
+    # a GPU where there is one, as serve and eval: GPT-2 124M at batch 1 decoded 286.6 tok/s eagerly on an H200
+    # (2026-11-28), about 8x a 2-core CPU's fp32
+    device: str = field(**option("auto (a GPU if there is one), cpu, cuda or mps", "auto"))
     dtype: str = field(**option(DTYPE_HELP, "auto", choices=DTYPES))
     compile: bool = field(**option(COMPILE_HELP, False))
     cuda_graphs: bool = field(
         **option(
             "on a CUDA GPU, replay each one-token step from a CUDA graph captured once per generation: one launch "
-            "a step instead of a few hundred (eager decoding on a GPU is bound by launches). Not yet measured on "
-            "a GPU: bench/gpu_check.sh does",
+            "a step instead of a few hundred (eager decoding on a GPU is bound by launches): GPT-2 124M at batch "
+            "1, 437 against 287 tok/s eagerly on an H200",
             False,
         )
     )
