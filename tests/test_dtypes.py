@@ -234,6 +234,10 @@ def test_eval_reports_its_dtype(trained, hamlet_data):
         assert results[dtype]["dtype"] == dtype
     assert results["int8"]["loss"] == pytest.approx(results["fp32"]["loss"], rel=0.02)
     assert results["int8-dynamic"]["loss"] == pytest.approx(results["fp32"]["loss"], rel=0.02)
+    # no --task, no --data-dir: val on the data the model was trained on
+    default = run_cli("eval", str(trained), "--json", "--dtype", "fp32")
+    assert default.returncode == 0, default.stderr[-2000:]
+    assert json.loads(default.stdout) == results["fp32"]
 
 
 # (the compiled servers compile four passes each: about 2 minutes apiece on 2 cores, hence `slow`)

