@@ -92,8 +92,7 @@ def main() -> None:
             generate_ids(model, prompts.tolist(), 4, temperature=0)
             if "+compile" in variant:
                 print(f"  {variant}, batch {batch}: compiled in {time.perf_counter() - started:.0f} s", flush=True)
-        with torch.no_grad():
-            theirs.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=4, pad_token_id=0)
+        their_greedy(theirs, prompts, 4)
         times: dict[str, list[float]] = {name: [] for name in [*args.dtypes, "theirs"]}
         same = True
         ids: dict[str, list[list[int]]] = {}
@@ -106,16 +105,7 @@ def main() -> None:
                 if dtype == "fp32":
                     fp32_ids = our_ids
             started = time.perf_counter()
-            with torch.no_grad():
-                out = theirs.generate(
-                    prompts,
-                    attention_mask=torch.ones_like(prompts),
-                    max_new_tokens=args.new_tokens,
-                    min_new_tokens=args.new_tokens,
-                    do_sample=False,
-                    eos_token_id=None,
-                    pad_token_id=0,
-                )
+            out = their_greedy(theirs, prompts, args.new_tokens)
             synchronize(device)
             times["theirs"].append(time.perf_counter() - started)
             if "fp32" in ours:
@@ -136,6 +126,20 @@ def main() -> None:
                     f"  batch {batch}: {variant} greedy tokens equal to eager {variant.partition('+')[0]}'s: "
                     f"{agree:.1%}"
                 )
+
+
+def their_greedy(theirs, prompts: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """transformers' greedy generate() of exactly `new_tokens` tokens after `prompts` (no end-of-text stop)."""
+    with torch.no_grad():
+        return theirs.generate(
+            prompts,
+            attention_mask=torch.ones_like(prompts),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
 
 
 def width(variant: str) -> int:
