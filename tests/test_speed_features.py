@@ -415,6 +415,64 @@ def test_time_budget_fills_or_only_shortens(hamlet_data, tmp_path):
     assert short.refit(1) < 8
 
 
+def test_time_budget_refits_later_from_the_recent_pace():
+    """After REFIT_STEP the budget refits (wsd, at the peak learning rate) every REFIT_EVERY steps from the last
+    REFIT_EVERY steps' pace and the evaluations' measured times, and never starts the decay before the step."""
+    import time
+
+    from gpt2scratch.budget import REFIT_EVERY, REFIT_STEP, TimeBudget
+
+    budget = TimeBudget(time.perf_counter() + 100.0, 0.0, 0, 1000, 10, torch.device("cpu"))
+    assert budget.refit_due(REFIT_STEP) and budget.refit_due(REFIT_STEP, at_peak_lr=True)
+    assert not budget.refit_due(REFIT_STEP + REFIT_EVERY) and budget.refit_due(REFIT_STEP + REFIT_EVERY, True)
+    assert not budget.refit_due(REFIT_STEP + REFIT_EVERY // 2, True) and not budget.refit_due(REFIT_EVERY // 2, True)
+    budget.step_seconds = [1.0] * 150 + [0.1] * REFIT_EVERY  # a slow start: the run's median is still 1 s
+    assert 1150 < budget.refit(250) <= 1250  # ~1,000 steps of 0.1 s in the 100 s left
+    budget.step_seconds += [10.0] * REFIT_EVERY  # slower now: 10 steps fit, but the decay may not start before 350
+    assert budget.refit(350, at_least=438) == 438
+
+    timed = TimeBudget(time.perf_counter() + 100.0, 0.0, 100, 1000, 10, torch.device("cpu"))
+    timed.step_seconds = [0.1] * 200
+    for seconds in (2.0, 9.0, 2.0, 3.0):  # the median of the last three evaluations
+        timed.record_eval(seconds)
+    assert timed.eval_seconds == 3.0
+    assert 200 + 600 < timed.refit(200) < 200 + 750  # 100 s less ~10 evaluations of 3 s (not 2), in steps of 0.1 s
+
+
+def test_time_budget_holds_when_the_machine_slows_down(hamlet_data, tmp_path):
+    """A run whose steps become 6x slower after its first refit still ends near its budget (the later refits
+    shorten it), and the wsd learning rate holds its peak, then falls steadily: no refit makes it jump."""
+    import time
+
+    from gpt2scratch.budget import TimeBudget
+
+    config = make_config(hamlet_data, schedule="wsd", warmup_steps=10, max_steps=100, eval_every=50, log_every=10**6)
+    runtime = setup_runtime(config.training)
+    data = DataModule(config.data.dir, config.model.context_length, config.training.batch_size)
+    trainer = Trainer(config, tmp_path, runtime, data)
+    minutes = 0.15
+    started = time.perf_counter()
+    budget = TimeBudget.calibrate(trainer, minutes)
+    forward = trainer._forward
+
+    def slower_after_the_first_refit(x, y):
+        if trainer.step >= 100:
+            time.sleep(0.03)
+        return forward(x, y)
+
+    trainer._forward = slower_after_the_first_refit
+    summary = trainer.fit(budget)
+    elapsed = time.perf_counter() - started
+    assert budget.max_steps == summary["step"] > 110, budget.max_steps
+    assert elapsed < minutes * 60 + 2.0, elapsed  # (refitting only at step 100 overran it by tens of seconds)
+    lrs = [lr for step, lr in sorted(read_metrics(tmp_path, "lr").items())][10:]
+    peak = config.training.max_lr
+    decay = next(i for i, lr in enumerate(lrs) if lr < peak)
+    assert all(lr == pytest.approx(peak) for lr in lrs[:decay])
+    falls = [lrs[i - 1] - lrs[i] for i in range(decay, len(lrs))]
+    assert all(f == pytest.approx(falls[0], rel=1e-6) for f in falls), falls  # one straight line down to 0
+
+
 def test_auto_preset_is_gpu_on_cuda(monkeypatch):
     from gpt2scratch import run
     from gpt2scratch.options import TrainOptions

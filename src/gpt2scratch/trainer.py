@@ -378,7 +378,10 @@ class Trainer:
                 queued = None
                 last = self.step == self.schedule.max_steps
                 if self.validator.due(self.step, last):
+                    eval_started = time.perf_counter()
                     last_eval = self.evaluate()
+                    if self.budget is not None:
+                        self.budget.record_eval(time.perf_counter() - eval_started)
                     self._record_eval(last_eval)
                     if t.early_stop and self.evals_without_improvement >= t.early_stop and not last:
                         if self._stable_phase():
@@ -469,7 +472,7 @@ class Trainer:
         self.metrics.log_step(record)
         if self.budget is not None:
             self.budget.record(record["dt_ms"] / 1000)
-            if self.budget.refit_due(step) and self.cooldown_step is None:
+            if self._refit_due():
                 self._refit(self.budget)
         if due(self.config.training.log_every, step) or step == 1:
             self.metrics.print(format_record(record))
@@ -479,7 +482,7 @@ class Trainer:
         step: an evaluation, samples, a checkpoint, the time budget's refit, the last step."""
         t, step = self.config.training, self.step
         last = step == self.schedule.max_steps
-        if last or (self.budget is not None and self.budget.refit_due(step)):
+        if last or self._refit_due():
             return True
         return self.validator.due(step, last) or due(t.sample_every, step, last) or self.checkpointer.due(step, last)
 
@@ -568,14 +571,27 @@ class Trainer:
         path = step_dir(self.checkpointer.root, self.best_step)
         return path if path.is_dir() else None
 
+    def _refit_due(self) -> bool:
+        """The time budget's refits: once early on, then (wsd) while the learning rate is at its peak; none after
+        early_stop began the decay."""
+        if self.budget is None or self.cooldown_step is not None:
+            return False
+        return self.budget.refit_due(self.step, at_peak_lr=self._stable_phase())
+
     def _refit(self, budget: TimeBudget) -> None:
         before = self.schedule.max_steps
-        self.schedule = replace(self.schedule, max_steps=budget.refit(self.step))
-        self.metrics.set_total(self.schedule.max_steps)
-        self.metrics.print(
-            f"time budget: {budget.median_step_seconds() * 1000:.0f} ms/step so far; "
-            f"max_steps {before} -> {self.schedule.max_steps}"
-        )
+        at_least = 0
+        if self._stable_phase():  # the decay may not start before this step: the learning rate would jump down
+            at_least = self.step + 1
+            while decay_start(replace(self.schedule, max_steps=at_least)) < self.step:
+                at_least += 1
+        self.schedule = replace(self.schedule, max_steps=budget.refit(self.step, at_least))
+        if self.schedule.max_steps != before:
+            self.metrics.set_total(self.schedule.max_steps)
+            self.metrics.print(
+                f"time budget: {budget.median_step_seconds() * 1000:.0f} ms/step lately; "
+                f"max_steps {before} -> {self.schedule.max_steps}"
+            )
 
     def _should_stop(self) -> bool:
         """Ctrl-C on any rank stops every rank at the same step (else the others would wait in a collective)."""
