@@ -586,8 +586,8 @@ class Trainer:
             while decay_start(replace(self.schedule, max_steps=at_least)) < self.step:
                 at_least += 1
         self.schedule = replace(self.schedule, max_steps=budget.refit(self.step, at_least))
-        if self.schedule.max_steps != before:
-            self.metrics.set_total(self.schedule.max_steps)
+        self.metrics.set_total(self.schedule.max_steps)
+        if abs(self.schedule.max_steps - before) >= max(1, before // 100):  # (later refits move it a little)
             self.metrics.print(
                 f"time budget: {budget.median_step_seconds() * 1000:.0f} ms/step lately; "
                 f"max_steps {before} -> {self.schedule.max_steps}"
