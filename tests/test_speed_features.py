@@ -464,6 +464,7 @@ def test_time_budget_holds_when_the_machine_slows_down(hamlet_data, tmp_path):
     summary = trainer.fit(budget)
     elapsed = time.perf_counter() - started
     assert budget.max_steps == summary["step"] > 110, budget.max_steps
+    assert json.loads((tmp_path / "run_config.json").read_text())["training"]["max_steps"] == summary["step"]
     assert elapsed < minutes * 60 + 2.0, elapsed  # (refitting only at step 100 overran it by tens of seconds)
     lrs = [lr for step, lr in sorted(read_metrics(tmp_path, "lr").items())][10:]
     peak = config.training.max_lr

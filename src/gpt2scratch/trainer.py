@@ -358,7 +358,7 @@ class Trainer:
             self.budget = budget
             self.schedule = replace(self.schedule, max_steps=budget.max_steps, warmup_steps=budget.warmup_steps)
         if self.runtime.is_main:
-            (self.run_dir / "run_config.json").write_text(json.dumps(self.run_config().to_dict(), indent=2) + "\n")
+            self._write_run_config()
             self._log_start()
         previous_handler = signal.signal(signal.SIGINT, self._request_stop)
         self.metrics.open(total=self.schedule.max_steps, initial=self.step)
@@ -402,6 +402,8 @@ class Trainer:
             if self._stop_requested:
                 self.metrics.print(f"interrupted: saving a checkpoint at step {self.step}")
                 self.save_checkpoint(None)
+            if self.runtime.is_main:  # (the time budget's refits and early stopping move max_steps)
+                self._write_run_config()
         finally:
             self.metrics.close()
             signal.signal(signal.SIGINT, previous_handler)
@@ -668,6 +670,9 @@ class Trainer:
         if self.budget is not None:
             fitted = replace(fitted, time_budget=0.0)
         return replace(self.config, training=fitted)
+
+    def _write_run_config(self) -> None:
+        (self.run_dir / "run_config.json").write_text(json.dumps(self.run_config().to_dict(), indent=2) + "\n")
 
     def save_checkpoint(self, val_loss: float | None) -> None:
         if not self._weights_finite():  # never overwrite the last good checkpoint with a diverged model
