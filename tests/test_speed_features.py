@@ -457,8 +457,9 @@ def test_time_budget_refits_later_from_the_recent_pace():
 
 
 def test_time_budget_holds_when_the_machine_slows_down(hamlet_data, tmp_path):
-    """A run whose steps become 6x slower after its first refit still ends near its budget (the later refits
-    shorten it), and the wsd learning rate holds its peak, then falls steadily: no refit makes it jump."""
+    """A run whose steps become 30 ms slower after its first refit (~3.5x here) still ends near its budget (the
+    later refits shorten it), and the wsd learning rate holds its peak, then falls steadily: no refit makes it
+    jump."""
     import time
 
     from gpt2scratch.budget import TimeBudget
@@ -482,7 +483,7 @@ def test_time_budget_holds_when_the_machine_slows_down(hamlet_data, tmp_path):
     elapsed = time.perf_counter() - started
     assert budget.max_steps == summary["step"] > 110, budget.max_steps
     assert json.loads((tmp_path / "run_config.json").read_text())["training"]["max_steps"] == summary["step"]
-    assert elapsed < minutes * 60 + 2.0, elapsed  # (refitting only at step 100 overran it by tens of seconds)
+    assert elapsed < minutes * 60 + 2.0, elapsed  # (refitting only at step 100: 28 s, 19 over, 2026-12-07)
     lrs = [lr for step, lr in sorted(read_metrics(tmp_path, "lr").items())][10:]
     peak = config.training.max_lr
     decay = next(i for i, lr in enumerate(lrs) if lr < peak)
